@@ -48,36 +48,19 @@ def _check_packed(module: torch.nn.Module, query: torch.Tensor, kwargs: dict) ->
     return cu_q
 
 
-def varlen_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Block-diagonal causal attention: ``softmax(q_i k_i^T * scale + causal) v_i`` per sample i.
-
-    query ``(1, H, T, D)``, key/value ``(1, H_kv, T, D)``; returns ``(1, T, H, D)`` like every
-    transformers attention function. Any ``attention_mask`` is ignored on packed input: the
-    boundaries come from ``cu_seq_lens_q``.
-    """
-    if kwargs.get("cu_seq_lens_q") is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    cu = _check_packed(module, query, kwargs).tolist()
-    gqa = query.shape[1] != key.shape[1]
+def per_sample_sdpa(q, k, v, cu_seqlens: torch.Tensor, dropout: float, scale: float | None) -> torch.Tensor:
+    """Block-diagonal causal attention, ``softmax(q_i k_i^T * scale + causal) v_i`` for each
+    sample i, as one SDPA call per sample: sum(L_i^2) work. q ``(1, H, T, D)``, k/v ``(1, H_kv, T, D)``."""
+    cu = cu_seqlens.tolist()
+    gqa = q.shape[1] != k.shape[1]
     outs = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+            dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=gqa,
         )
         for s, e in zip(cu[:-1], cu[1:])
     ]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outs, dim=2)
 
 
 def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:
@@ -89,29 +72,35 @@ def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, device=None) -> torch.T
     return (segment[:, None] == segment[None, :]) & (t[None, :] <= t[:, None])
 
 
-def masked_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """The same block-diagonal causal attention as one SDPA call with a ``(T, T)`` mask.
-    O(T^2) memory; kept as an independent reference for tests and the benchmark."""
-    if kwargs.get("cu_seq_lens_q") is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    cu = _check_packed(module, query, kwargs)
-    mask = block_diagonal_causal_mask(cu, device=query.device)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
+def masked_sdpa(q, k, v, cu_seqlens: torch.Tensor, dropout: float, scale: float | None) -> torch.Tensor:
+    """The same attention as one SDPA call with a ``(T, T)`` block-diagonal mask: T^2 work and
+    memory. Kept as an independent reference for tests and the benchmark."""
+    mask = block_diagonal_causal_mask(cu_seqlens, device=q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
-    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_attention_function(packed_kernel):
+    """A transformers attention function: ``packed_kernel`` on packed rows (``cu_seq_lens_q`` in
+    the kwargs; any ``attention_mask`` is ignored there), transformers' SDPA otherwise. Returns
+    ``(1, T, H, D)`` like every transformers attention function."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if kwargs.get("cu_seq_lens_q") is None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        cu = _check_packed(module, query, kwargs)
+        out = packed_kernel(query, key, value, cu, dropout, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = f"{packed_kernel.__name__}_attention"
+    return attention
+
+
+varlen_sdpa_attention = packed_attention_function(per_sample_sdpa)
+masked_sdpa_attention = packed_attention_function(masked_sdpa)
 
 
 def register_varlen_attention() -> None:
