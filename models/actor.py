@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from models.packing import PackedBatch
+from models.packing import PackedBatch, PaddedBatch
+
+Batch = PackedBatch | PaddedBatch
 from models.varlen_attention import select_attn_implementation
 
 
 @dataclass
 class ActorOutput:
-    log_probs: torch.Tensor  # (1, T): log pi(x_t | x_<t) where the mask is set, 0 elsewhere
-    entropy: torch.Tensor | None  # (1, T): H(pi(. | x_<t)) where the mask is set, 0 elsewhere
+    log_probs: torch.Tensor  # like input_ids: log pi(x_t | x_<t) where scored, 0 elsewhere
+    entropy: torch.Tensor | None  # like input_ids: H(pi(. | x_<t)) where scored, 0 elsewhere
 
 
 def load_hf_model(auto_class, path: str, *, flash_attn: bool | None = None, dtype=torch.float32, device=None, **kwargs) -> PreTrainedModel:
@@ -43,6 +45,51 @@ def token_log_probs_and_entropy(
     return chosen, entropy
 
 
+def scored_positions(batch: Batch, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Flat indices of the tokens to score: real tokens, not a sample's first token (nothing
+    predicts it), and inside ``token_mask`` when given."""
+    keep = batch.flat_token_mask().clone()
+    keep[batch.sample_starts()] = False
+    if token_mask is not None:
+        keep &= token_mask.reshape(-1).bool()
+    return keep.nonzero().squeeze(-1)
+
+
+def score_tokens(
+    hidden: torch.Tensor,
+    batch: Batch,
+    lm_head: nn.Module,
+    token_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int = 2048,
+) -> ActorOutput:
+    """log pi(x_t | x_<t) (and entropy) from the backbone's hidden states, aligned with the tokens
+    they score and shaped like ``batch.input_ids``; 0 where not scored. The LM head runs only on
+    the scored positions, ``chunk_size`` at a time, so no full-vocabulary logits of the batch exist."""
+    flat_hidden = hidden.flatten(0, 1)
+    flat_ids = batch.input_ids.reshape(-1)
+    positions = scored_positions(batch, token_mask)
+    targets = flat_ids[positions]
+    chosen, entropies = [], []
+    for s in range(0, positions.numel(), chunk_size):
+        logits = lm_head(flat_hidden[positions[s : s + chunk_size] - 1])
+        if temperature != 1.0:
+            logits = logits / temperature
+        c, e = token_log_probs_and_entropy(logits, targets[s : s + chunk_size], return_entropy)
+        chosen.append(c)
+        entropies.append(e)
+
+    def scatter(parts):
+        # built in its final shape (not a view): FSDP2 warns about views returned from forward
+        out = flat_hidden.new_zeros(batch.input_ids.shape, dtype=torch.float32)
+        if positions.numel():
+            out.view(-1).index_put_((positions,), torch.cat(parts))
+        return out
+
+    return ActorOutput(scatter(chosen), scatter(entropies) if return_entropy else None)
+
+
 class Actor(nn.Module):
     def __init__(self, model: PreTrainedModel, chunk_size: int = 2048):
         super().__init__()
@@ -55,45 +102,19 @@ class Actor(nn.Module):
 
     def forward(
         self,
-        packed: PackedBatch,
+        batch: Batch,
         token_mask: torch.Tensor | None = None,
         temperature: float = 1.0,
         return_entropy: bool = False,
     ) -> ActorOutput:
-        """Log-probs of the tokens where ``token_mask`` (1, T) is true (e.g. response tokens).
+        """Log-probs of the tokens where ``token_mask`` (shaped like ``input_ids``) is true.
 
-        Outputs are aligned with the tokens they score: ``log_probs[0, t] = log pi(x_t | x_<t)``,
-        read from the hidden state at ``t - 1`` of the same sample. A sample's first token has no
-        prediction and is never scored. ``temperature`` divides the logits, as the sampler did.
+        ``log_probs[..., t] = log pi(x_t | x_<t)``, read from the hidden state at ``t - 1`` of the
+        same sample; a sample's first token is never scored. ``temperature`` divides the logits,
+        as the sampler did.
         """
-        T = packed.num_tokens
-        device = packed.input_ids.device
-        scorable = torch.ones(T, dtype=torch.bool, device=device)
-        scorable[packed.cu_seqlens[:-1].long()] = False  # first token of every sample
-        if token_mask is not None:
-            scorable &= token_mask.reshape(-1).bool()
-        positions = scorable.nonzero().squeeze(-1)
-
-        hidden = self.model.base_model(input_ids=packed.input_ids, **packed.attention_kwargs()).last_hidden_state[0]
-        lm_head = self.model.get_output_embeddings()
-        targets = packed.input_ids[0, positions]
-        chosen, entropies = [], []
-        for s in range(0, positions.numel(), self.chunk_size):
-            idx = positions[s : s + self.chunk_size]
-            logits = lm_head(hidden[idx - 1])
-            if temperature != 1.0:
-                logits = logits / temperature
-            c, e = token_log_probs_and_entropy(logits, targets[s : s + self.chunk_size], return_entropy)
-            chosen.append(c)
-            entropies.append(e)
-
-        log_probs = hidden.new_zeros(T, dtype=torch.float32)
-        if positions.numel():
-            log_probs = log_probs.index_put((positions,), torch.cat(chosen))
-        entropy = None
-        if return_entropy:
-            entropy = hidden.new_zeros(T, dtype=torch.float32)
-            if positions.numel():
-                entropy = entropy.index_put((positions,), torch.cat(entropies))
-            entropy = entropy.unsqueeze(0)
-        return ActorOutput(log_probs.unsqueeze(0), entropy)
+        hidden = self.model.base_model(input_ids=batch.input_ids, **batch.attention_kwargs()).last_hidden_state
+        return score_tokens(
+            hidden, batch, self.model.get_output_embeddings(), token_mask, temperature,
+            return_entropy, self.chunk_size,
+        )

@@ -49,15 +49,17 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        init_method = None  # env:// (torchrun, Ray workers)
         if "MASTER_ADDR" not in os.environ:
             if world_size != 1:
                 raise RuntimeError(
                     f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: launch with torchrun"
                 )
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(free_port())
+            # a private world of one; os.environ is left alone so child processes don't inherit it
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -164,13 +164,19 @@ class PackedBatch:
             "use_cache": False,  # a cache (the config default) makes HF build a cross-sample mask
         }
 
+    def flat_token_mask(self) -> torch.Tensor:
+        return torch.ones(self.num_tokens, dtype=torch.bool, device=self.input_ids.device)
+
+    def sample_starts(self) -> torch.Tensor:
+        return self.cu_seqlens[:-1].long()
+
     def last_token_indices(self) -> torch.Tensor:
         """Index in the row of each sample's last token (where a reward model reads its score)."""
         return self.cu_seqlens[1:].long() - 1
 
     def gather_last(self, per_token: torch.Tensor) -> torch.Tensor:
         """``(1, T, ...)`` per-token outputs -> ``(n, ...)`` values at each sample's last token."""
-        return per_token[0, self.last_token_indices()]
+        return per_token.flatten(0, 1)[self.last_token_indices()]
 
     def split(self, per_token: torch.Tensor) -> list[torch.Tensor]:
         """``(1, T, ...)`` per-token outputs -> one ``(L_i, ...)`` tensor per sample."""
@@ -185,6 +191,61 @@ class PackedBatch:
         targets[0, :-1] = self.input_ids[0, 1:]
         targets[0, self.last_token_indices()] = ignore_index
         return targets
+
+
+@dataclass
+class PaddedBatch:
+    """Right-padded ``(B, L)`` batch with the same interface as ``PackedBatch`` for the heads: the
+    reference that packing must match, and the layout for models without a packed path."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int) -> "PaddedBatch":
+        tensors = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
+        if any(t.numel() == 0 for t in tensors):
+            raise ValueError("cannot pad an empty sequence")
+        width = max(t.numel() for t in tensors)
+        ids = torch.full((len(tensors), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(tensors), width), dtype=torch.long)
+        for i, t in enumerate(tensors):
+            ids[i, : t.numel()] = t
+            mask[i, : t.numel()] = 1
+        return cls(ids, mask)
+
+    @property
+    def num_samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return self.attention_mask.sum(-1).tolist()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()  # processed tokens, padding included
+
+    def to(self, device) -> "PaddedBatch":
+        return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def attention_kwargs(self) -> dict:
+        return {"attention_mask": self.attention_mask, "use_cache": False}
+
+    def flat_token_mask(self) -> torch.Tensor:
+        """``(B*L,)`` True at real (non-pad) tokens, in the flattened layout of ``flat_index``."""
+        return self.attention_mask.reshape(-1).bool()
+
+    def sample_starts(self) -> torch.Tensor:
+        """Flat index of each sample's first token."""
+        return torch.arange(self.num_samples, device=self.input_ids.device) * self.input_ids.shape[1]
+
+    def last_token_indices(self) -> torch.Tensor:
+        """Flat index (into ``(B*L)``) of each sample's last real token."""
+        return self.sample_starts() + self.attention_mask.sum(-1) - 1
+
+    def gather_last(self, per_token: torch.Tensor) -> torch.Tensor:
+        return per_token.flatten(0, 1)[self.last_token_indices()]
 
 
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,15 @@ vocabulary-size logits are ever computed.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from models.actor import load_hf_model
-from models.packing import PackedBatch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from models.actor import Batch, load_hf_model, score_tokens
 
 
 def load_value_model(path: str, init_head_std: float | None = None, **kwargs) -> PreTrainedModel:
@@ -50,6 +52,29 @@ def _score_head(model: PreTrainedModel) -> nn.Linear:
     return head
 
 
+def load_output_embedding(path: str) -> nn.Linear:
+    """The LM head of the causal LM at ``path`` as a standalone ``nn.Linear`` (tied embeddings
+    included), read from its safetensors files without building the whole model."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    head = lm.get_output_embeddings()
+    name = next(n for n, p in lm.named_parameters() if p is head.weight)
+    files = sorted(Path(path).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():
+                weight = st.get_tensor(name).float()
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                return linear
+    raise ValueError(
+        f"{path}: no LM head weight {name!r} in its safetensors files; --loss logexpwithlm needs "
+        "--pretrain to be a causal LM checkpoint"
+    )
+
+
 class _ScalarHeadModel(nn.Module):
     """Backbone + score head over a packed row; subclasses choose which positions to read."""
 
@@ -59,25 +84,40 @@ class _ScalarHeadModel(nn.Module):
         _score_head(model)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs):
-        return cls(load_value_model(path, **kwargs))
+    def from_pretrained(cls, path: str, with_lm_head: bool = False, **kwargs):
+        model = load_value_model(path, **kwargs)
+        return cls(model, load_output_embedding(path)) if with_lm_head else cls(model)
 
-    def _hidden(self, packed: PackedBatch) -> torch.Tensor:
-        return self.model.base_model(input_ids=packed.input_ids, **packed.attention_kwargs()).last_hidden_state
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        return self.model.base_model(input_ids=batch.input_ids, **batch.attention_kwargs()).last_hidden_state
 
     def _score(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _score_head(self.model)(hidden).squeeze(-1).float()
+        # a fresh tensor, not a view: FSDP2 warns that in-place ops on a view skip its hooks
+        return _score_head(self.model)(hidden).squeeze(-1).float().clone()
 
 
 class RewardModel(_ScalarHeadModel):
-    def forward(self, packed: PackedBatch) -> torch.Tensor:
-        """``(n,)`` rewards: the score head at each sample's last token (only those n hidden
-        states go through the head)."""
-        hidden = self._hidden(packed)
-        return self._score(packed.gather_last(hidden))
+    """``lm_head`` (optional) scores tokens for the LM term of ``logexpwithlm``; it lives beside the
+    HF model, so the saved reward model stays a plain sequence-classification folder."""
+
+    def __init__(self, model: PreTrainedModel, lm_head: nn.Linear | None = None):
+        super().__init__(model)
+        self.lm_head = lm_head
+
+    def forward(self, batch: Batch, lm_token_mask: torch.Tensor | None = None):
+        """``(n,)`` rewards: the score head at each sample's last token (only those n hidden states
+        go through the head). With ``lm_token_mask``: ``(rewards, token_log_probs)``, the log-probs
+        of the masked tokens from the same backbone pass (see ``models.actor.score_tokens``)."""
+        hidden = self._hidden(batch)
+        rewards = self._score(batch.gather_last(hidden))
+        if lm_token_mask is None:
+            return rewards
+        if self.lm_head is None:
+            raise ValueError("this reward model has no LM head; load it with with_lm_head=True")
+        return rewards, score_tokens(hidden, batch, self.lm_head, lm_token_mask).log_probs
 
 
 class Critic(_ScalarHeadModel):
-    def forward(self, packed: PackedBatch) -> torch.Tensor:
-        """``(1, T)`` values: ``V(x_<=t)`` at every token of the row."""
-        return self._score(self._hidden(packed))
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Values ``V(x_<=t)`` at every token, shaped like ``batch.input_ids``."""
+        return self._score(self._hidden(batch))

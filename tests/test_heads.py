@@ -92,3 +92,33 @@ def test_value_heads_never_compute_vocabulary_logits(tiny_model_dir, seqs):
     mask[0, -3:] = True
     actor(pb, token_mask=mask)
     assert shapes == [(3, actor.model.config.vocab_size)]  # logits only where scored
+
+
+def test_padded_batches_match_packed_for_every_head(tiny_model_dir, seqs):
+    """PaddedBatch is the reference layout: rewards, values and log-probs agree with packing, and
+    the reward model's LM head scores exactly like the causal LM it came from."""
+    from models.packing import PaddedBatch
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_pretrained(tiny_model_dir, with_lm_head=True)
+    actor = Actor.from_pretrained(tiny_model_dir)
+    pad_id = rm.model.config.pad_token_id
+    packed = PackedBatch.from_sequences(seqs)
+    padded = PaddedBatch.from_sequences(seqs, pad_id)
+    halves = [torch.arange(len(s)) >= len(s) // 2 for s in seqs]
+    packed_mask = torch.cat(halves).unsqueeze(0)
+    padded_mask = PaddedBatch.from_sequences([h.long() for h in halves], 0).input_ids.bool()
+
+    with torch.no_grad():
+        r_packed, lp_packed = rm(packed, packed_mask)
+        r_padded, lp_padded = rm(padded, padded_mask)
+        assert torch.allclose(r_packed, r_padded, atol=TOL, rtol=0)
+        for i, part in enumerate(packed.split(lp_packed)):
+            assert (part - lp_padded[i, : len(part)]).abs().max() <= TOL
+            assert lp_padded[i, len(part):].abs().sum() == 0  # padding is never scored
+        actor_lp = actor(packed, packed_mask).log_probs
+        assert (actor_lp - lp_packed).abs().max() <= TOL
+        critic = Critic(rm.model)
+        v_packed, v_padded = critic(packed), critic(padded)
+        for i, part in enumerate(packed.split(v_packed)):
+            assert (part - v_padded[i, : len(part)]).abs().max() <= TOL

@@ -20,6 +20,10 @@ import yaml
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A bad option: unknown key, wrong type, or a value the script cannot use."""
+
+
 def _base_type(tp: Any) -> Any:
     """``int | None`` -> int; ``Optional[str]`` -> str."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -36,12 +40,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if base is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if base in (int, float, str):
         if isinstance(value, bool) or (base is not str and isinstance(value, str)):
-            raise ValueError(f"{where}: expected {base.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}")
         if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{where}: expected int, got {value!r}")
+            raise ConfigError(f"{where}: expected int, got {value!r}")
         return base(value)
     return value
 
@@ -50,15 +54,15 @@ def load_yaml(cls: type[T], path: str | Path) -> dict[str, Any]:
     """Field values from a YAML mapping, checked against the dataclass ``cls``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value at the top level")
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
     return {k: _coerce(v, hints[k], f"{path}: option {k!r}") for k, v in data.items()}
 
 

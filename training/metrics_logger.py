@@ -31,6 +31,7 @@ class MetricsLogger:
         wandb_project: str = "self-ref-rlhf",
         wandb_run_name: str | None = None,
         config: dict | None = None,
+        resume_step: int | None = None,
     ):
         self.enabled = enabled and logging_path is not None
         self._file = self._wandb = self._tb = None
@@ -38,6 +39,8 @@ class MetricsLogger:
             return
         self.path = Path(logging_path)
         self.path.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
         self._file = open(self.path / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives kills
         if config is not None:
             (self.path / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -52,6 +55,14 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run re-logs the steps after its checkpoint: drop the killed run's rows for
+        them so metrics.jsonl reads like one uninterrupted run."""
+        path = self.path / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -13,4 +13,5 @@ def progress_bar(total: int | None = None, desc: str = "", enabled: bool = True,
     return tqdm(
         total=total, desc=desc, disable=not enabled, initial=initial, unit=unit,
         dynamic_ncols=True, file=sys.stderr, smoothing=0.1,
+        mininterval=0.1 if sys.stderr.isatty() else 5.0,  # logs to files: a line every few seconds
     )

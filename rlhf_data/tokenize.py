@@ -1,0 +1,96 @@
+"""Chat-templated tokenization of (prompt, response) samples with EOS-preserving truncation.
+
+The prompt is the tokenizer's chat template over ``message`` with the generation prompt; the
+response is what the template adds for one more assistant turn. Both are tokenized separately so
+the boundary (``prompt_len``) is exact, which the LM loss on response tokens and the RL masks need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_data.errors import DataError
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    prompt_len: int  # tokens [0, prompt_len) are the prompt; the rest is the response
+    truncated: bool
+
+
+def render_chat(tokenizer, message: list[dict], response: str | None = None) -> tuple[str, str]:
+    """(prompt text, response text) under the tokenizer's chat template."""
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+            "set one (tokenizer.chat_template) or pass a model folder whose tokenizer has one"
+        )
+    prompt = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    if response is None:
+        return prompt, ""
+    full = tokenizer.apply_chat_template(
+        message + [{"role": "assistant", "content": response}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError(
+            "the chat template does not render the prompt as a prefix of prompt + response; "
+            "cannot locate the response tokens with this template"
+        )
+    return prompt, full[len(prompt):]
+
+
+def tokenize_prompt_response(
+    tokenizer, message: list[dict], response: str, max_len: int, source: str = "", row: int = 0
+) -> TokenizedSample:
+    """Token ids of prompt + response, at most ``max_len``, always ending with EOS.
+
+    Truncation: first drop prompt tokens from the left (keeping a leading BOS) down to half of
+    ``max_len``; if still too long, cut the response from the right and make its last token EOS,
+    so a reward model still reads its score at an end-of-response token.
+    """
+    prompt, response_text = render_chat(tokenizer, message, response)
+    eos = tokenizer.eos_token_id
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    if not response_ids:
+        raise DataError(source, row, "response", "renders to no tokens")
+    if response_ids[-1] != eos:
+        response_ids = response_ids + [eos]  # templates that do not close assistant turns with EOS
+
+    truncated = len(prompt_ids) + len(response_ids) > max_len
+    if truncated:
+        keep_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
+        prompt_budget = max(max_len - len(response_ids), min(len(prompt_ids), max_len // 2))
+        if len(prompt_ids) > prompt_budget:
+            tail = prompt_ids[len(prompt_ids) - (prompt_budget - keep_bos):] if prompt_budget > keep_bos else []
+            prompt_ids = ([prompt_ids[0]] if keep_bos else []) + tail
+        room = max_len - len(prompt_ids)
+        if len(response_ids) > room:
+            response_ids = response_ids[: room - 1] + [eos]
+    return TokenizedSample(prompt_ids + response_ids, len(prompt_ids), truncated)
+
+
+@dataclass
+class PreferencePair:
+    chosen: list[int]
+    chosen_prompt_len: int
+    rejected: list[int]
+    rejected_prompt_len: int
+    margin: float
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def tokenize_preference(tokenizer, row: dict, max_len: int) -> PreferencePair:
+    """A validated preference row (``rlhf_data.schema.validate_preference``) -> token ids."""
+    where = {"source": row.get("_source", ""), "row": row.get("_row", 0)}
+    chosen = tokenize_prompt_response(tokenizer, row["message"], row["chosen"], max_len, **where)
+    rejected = tokenize_prompt_response(tokenizer, row["message"], row["rejected"], max_len, **where)
+    return PreferencePair(
+        chosen.input_ids, chosen.prompt_len, rejected.input_ids, rejected.prompt_len,
+        float(row.get("margin", 0.0)), chosen.truncated or rejected.truncated,
+    )

@@ -1,0 +1,276 @@
+"""Reward-model training with FSDP2 and sample packing.
+
+    torchrun --nproc_per_node 8 train_rm_llama2.py --pretrain PATH --dataset D1,D2 --dataset_probs 0.7,0.3 \
+        --train_batch_size 256 --micro_train_batch_size 4 --loss logexpwithlm --packing_samples ...
+    python train_rm_llama2.py --config configs/rm_tiny.yaml          # one process works too
+
+Each step: the global batch of ``train_batch_size`` pairs is split over ranks into micro-batches
+(by count, or by token budget with ``--packing_samples``); every micro-batch scores its chosen and
+rejected responses in one forward, and its loss is scaled by its share of the global batch, so the
+accumulated gradient is that of the global mean whatever the split. Saves a plain HF
+``AutoModelForSequenceClassification`` folder to ``--save_path``; ``--ckpt_path`` makes a killed
+run resume where it stopped with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoTokenizer
+
+from models.distributed import all_reduce_mean, init_distributed
+from models.fsdp import save_hf_pretrained, shard_model
+from models.value_model import RewardModel
+from rlhf_data import PreferenceKeys, validate_preference
+from rlhf_data.collate import collate_pairs
+from rlhf_data.mixing import train_eval_rows
+from rlhf_data.tokenize import tokenize_preference
+from training.batches import EpochSampler, split_global_batch
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.cli import run_cli
+from training.config import ConfigError, DistributedArgs, LoggingArgs, parse_config
+from training.metrics_logger import MetricsLogger
+from training.optim import build_optimizer, build_scheduler
+from training.progress import progress_bar
+from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
+
+
+@dataclass
+class RMConfig(DistributedArgs, LoggingArgs):
+    """Train a reward model on preference pairs."""
+
+    pretrain: str = field(default="", metadata={"help": "HF folder: a causal LM (new score head) or a reward model"})
+    dataset: str = field(default="", metadata={"help": "comma-separated jsonl/json/parquet files or save_to_disk folders"})
+    dataset_probs: str | None = field(default=None, metadata={"help": "comma-separated mixing weights, one per dataset"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation files (else --eval_split of each dataset)"})
+    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation"})
+    prompt_key: str = "message"
+    chosen_key: str = "chose"
+    rejected_key: str = "reject"
+    margin_key: str = "margin"
+    skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed rows instead of stopping"})
+    apply_chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template (always on)"})
+    max_len: int = field(default=2048, metadata={"help": "max tokens of prompt + response (prompt truncated from the left first)"})
+    train_batch_size: int = field(default=256, metadata={"help": "pairs per optimizer step, all ranks together"})
+    micro_train_batch_size: int = field(default=4, metadata={"help": "pairs per micro-batch per rank (without packing)"})
+    packing_samples: bool = field(default=False, metadata={"help": "pack samples into rows (no padding), varlen attention"})
+    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a packed micro-batch (default 2 x micro_train_batch_size x max_len)"})
+    max_epochs: int = 1
+    learning_rate: float = 1e-5
+    l2: float = field(default=0.0, metadata={"help": "weight decay"})
+    lr_warmup_ratio: float = 0.03
+    max_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    loss: str = field(default="sigmoid", metadata={"help": "sigmoid | logexp | logexpwithlm"})
+    lm_loss_coef: float = field(default=1.0, metadata={"help": "weight of the LM term of logexpwithlm"})
+    use_margin: bool = field(default=False, metadata={"help": "require r_chosen - r_rejected >= margin (from --margin_key)"})
+    eval_steps: int = field(default=-1, metadata={"help": "evaluate every N steps (-1: at the end only)"})
+    save_path: str | None = field(default=None, metadata={"help": "HF folder written at the end and every --save_steps"})
+    save_steps: int = field(default=-1, metadata={"help": "save (and checkpoint) every N steps; -1: at the end only"})
+    ckpt_path: str | None = field(default=None, metadata={"help": "resumable state; a rerun with the same command resumes"})
+    max_ckpt_num: int = 2
+    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: all epochs)"})
+
+    def __post_init__(self):
+        if self.loss not in LOSS_NAMES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        if not self.pretrain or not self.dataset:
+            raise ConfigError("--pretrain and --dataset are required")
+
+
+def pair_loss(model, pb, cfg: RMConfig, n_pairs: int, n_lm_tokens: int, world: int):
+    """This micro-batch's share of the global-batch loss, and its statistics (sums over pairs)."""
+    with_lm = cfg.loss == "logexpwithlm"
+    out = model(pb.batch, pb.chosen_response_mask if with_lm else None)
+    rewards, token_log_probs = out if with_lm else (out, None)
+    chosen, rejected = rewards[: pb.num_pairs], rewards[pb.num_pairs:]
+    margin = pb.margins if cfg.use_margin else None
+    rm_loss = pairwise_logistic_loss(chosen, rejected, margin)
+    loss = rm_loss * (pb.num_pairs * world / n_pairs)
+    stats = {
+        "rm_loss": rm_loss.detach() * pb.num_pairs,
+        "acc": (chosen > rejected).float().sum(),
+        "reward_chosen": chosen.detach().sum(),
+        "reward_rejected": rejected.detach().sum(),
+    }
+    if with_lm:
+        nll = -(token_log_probs * pb.chosen_response_mask).sum()
+        loss = loss + cfg.lm_loss_coef * nll * (world / n_lm_tokens)
+        stats["lm_loss"] = nll.detach() * (n_pairs / max(n_lm_tokens, 1))  # sums to the token mean
+    return loss, stats
+
+
+def scored_response_tokens(pair) -> int:
+    return len(pair.chosen) - max(pair.chosen_prompt_len, 1)
+
+
+@torch.no_grad()
+def evaluate(model, pairs, cfg: RMConfig, env, pad_id: int, token_budget: int) -> tuple[dict, list]:
+    """Accuracy, loss and mean rewards over all eval pairs (every rank takes its share of balanced
+    micro-batches: the same count on each rank, as FSDP needs); also every pair's rewards."""
+    model.eval()
+    plan = split_global_batch(list(range(len(pairs))), [p.num_tokens for p in pairs], env.world_size,
+                              token_budget=token_budget)[env.rank]
+    mine = []
+    for micro in plan:
+        pb = collate_pairs([pairs[i] for i in micro], cfg.packing_samples, pad_id).to(env.device)
+        rewards = model(pb.batch)
+        for i, c, r in zip(micro, rewards[: pb.num_pairs].tolist(), rewards[pb.num_pairs:].tolist()):
+            mine.append((i, c, r))
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, mine)
+    scores = sorted(x for part in gathered for x in part)
+    chosen = torch.tensor([c for _, c, _ in scores])
+    rejected = torch.tensor([r for _, _, r in scores])
+    model.train()
+    metrics = {
+        "eval_acc": (chosen > rejected).float().mean().item(),
+        "eval_loss": F.softplus(rejected - chosen).mean().item(),
+        "eval_reward_chosen": chosen.mean().item(),
+        "eval_reward_rejected": rejected.mean().item(),
+    }
+    return metrics, [[c, r] for _, c, r in scores]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(RMConfig, argv)
+    env = init_distributed()
+    torch.manual_seed(cfg.seed)
+    log = print if env.is_main else (lambda *a, **k: None)
+
+    # ---- data: files -> validated rows -> token ids (every error stops here, before training)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
+    keys = PreferenceKeys(cfg.prompt_key, cfg.chosen_key, cfg.rejected_key, cfg.margin_key)
+    train_rows, eval_rows, skipped = train_eval_rows(
+        cfg.dataset, cfg.dataset_probs, partial(validate_preference, keys=keys),
+        eval_dataset=cfg.eval_dataset, eval_split=cfg.eval_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
+    )
+    for line in skipped:
+        log(f"[data] {line}")
+    tokenize = partial(tokenize_preference, tokenizer, max_len=cfg.max_len)
+    train_pairs = [tokenize(r) for r in train_rows]
+    eval_pairs = [tokenize(r) for r in eval_rows]
+    n_trunc = sum(p.truncated for p in train_pairs)
+    log(f"[data] {len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {n_trunc} truncated to {cfg.max_len} tokens")
+
+    # ---- model
+    torch.manual_seed(cfg.seed)  # the same fresh score head on every rank
+    model = RewardModel.from_pretrained(cfg.pretrain, with_lm_head=cfg.loss == "logexpwithlm", flash_attn=cfg.flash_attn or None)
+    model.model.config.use_cache = False
+    shard_model(model, zero_stage=cfg.zero_stage, device=env.device, bf16=cfg.bf16,
+                gradient_checkpointing=cfg.gradient_checkpointing, hf_model=model.model)
+    model.train()
+    sampler = EpochSampler(len(train_pairs), cfg.train_batch_size, cfg.seed)
+    total_steps = sampler.steps_per_epoch * cfg.max_epochs
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.l2)
+    scheduler = build_scheduler(optimizer, total_steps, cfg.lr_warmup_ratio)
+    token_budget = cfg.packing_max_tokens or 2 * cfg.micro_train_batch_size * cfg.max_len
+    pad_id = tokenizer.pad_token_id
+
+    # ---- resume
+    step, start_epoch, start_in_epoch = 0, 0, 0
+    position = (0, 0)
+    ckpt = latest_checkpoint(cfg.ckpt_path)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        position = (start_epoch, start_in_epoch)
+        log(f"[resume] from {ckpt} at step {step} (epoch {start_epoch}, batch {start_in_epoch})")
+    logger = MetricsLogger(
+        cfg.logging_path, enabled=env.is_main, use_wandb=cfg.use_wandb, use_tensorboard=cfg.use_tensorboard,
+        wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
+        resume_step=step if ckpt is not None else None,
+    )
+
+    def save(position: tuple[int, int]):
+        if cfg.save_path:
+            save_hf_pretrained(model.model, cfg.save_path, tokenizer)
+        if cfg.ckpt_path:
+            save_checkpoint(cfg.ckpt_path, step, model, optimizer, scheduler,
+                            {"epoch": position[0], "step_in_epoch": position[1]}, keep=cfg.max_ckpt_num)
+
+    # ---- train
+    bar = progress_bar(total_steps, "rm", env.is_main, initial=step, unit="step")
+    eval_metrics: dict = {}
+    t_last, tokens_since = time.perf_counter(), 0
+    for epoch in range(start_epoch, cfg.max_epochs):
+        first = start_in_epoch if epoch == start_epoch else 0
+        for in_epoch, indices in enumerate(sampler.global_batches(epoch, first), start=first):
+            if step >= total_steps:
+                break
+            pairs = [train_pairs[i] for i in indices]
+            n_lm = sum(scored_response_tokens(p) for p in pairs)
+            plan = split_global_batch(
+                indices, [p.num_tokens for p in train_pairs], env.world_size,
+                micro_batch_size=None if cfg.packing_samples else cfg.micro_train_batch_size,
+                token_budget=token_budget if cfg.packing_samples else None,
+            )[env.rank]
+            totals: dict[str, torch.Tensor] = {}
+            for m, micro in enumerate(plan):
+                if isinstance(model, FSDPModule):  # reduce-scatter gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(m == len(plan) - 1)
+                pb = collate_pairs([train_pairs[i] for i in micro], cfg.packing_samples, pad_id).to(env.device)
+                loss, stats = pair_loss(model, pb, cfg, len(indices), n_lm, env.world_size)
+                loss.backward()
+                tokens_since += pb.batch.num_tokens
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0) + v.float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            position = (epoch, in_epoch + 1) if in_epoch + 1 < sampler.steps_per_epoch else (epoch + 1, 0)
+            bar.update(1)
+
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                # per-rank sums -> sums over all ranks -> global-batch means
+                world_sum = {k: all_reduce_mean(v.detach()) * env.world_size for k, v in totals.items()}
+                metrics = {k: (v / len(indices)).item() for k, v in world_sum.items()}
+                now = time.perf_counter()
+                metrics |= {
+                    "loss": metrics["rm_loss"] + cfg.lm_loss_coef * metrics.get("lm_loss", 0.0),
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                    "tokens_per_s": tokens_since * env.world_size / (now - t_last),
+                }
+                t_last, tokens_since = now, 0
+                logger.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
+            if eval_pairs and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < total_steps:
+                eval_metrics, _ = evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)
+                logger.log(step, eval_metrics)
+            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
+                save(position)
+        if step >= total_steps:
+            break
+    bar.close()
+
+    # ---- final evaluation and save
+    result = {"steps": step}
+    if eval_pairs:
+        eval_metrics, rewards = evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)
+        logger.log(step, eval_metrics)
+        result |= eval_metrics
+        if env.is_main and cfg.logging_path:
+            Path(cfg.logging_path, "eval_rewards.json").write_text(json.dumps(rewards))
+        log("[eval] " + "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+    save(position)
+    if cfg.save_path:
+        log(f"[save] reward model -> {cfg.save_path}")
+    logger.close()
+    dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

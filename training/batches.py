@@ -1,0 +1,77 @@
+"""Which samples each optimizer step and each rank's micro-batches see, reproducibly.
+
+``EpochSampler`` fixes the order of an epoch from (seed, epoch), cuts it into global batches of
+``train_batch_size`` samples (an incomplete last batch is dropped, so every step has the same
+size), and can start from any step: a resumed run sees exactly the batches it had not yet seen.
+``split_global_batch`` gives every rank the same number of micro-batches, either by count or, with
+packing, by token budget (``models.packing.balanced_micro_batches``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from models.packing import balanced_micro_batches
+
+
+@dataclass
+class EpochSampler:
+    num_samples: int
+    train_batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        if self.num_samples < self.train_batch_size:
+            raise ValueError(
+                f"{self.num_samples} training samples cannot fill one global batch of "
+                f"train_batch_size={self.train_batch_size}; lower --train_batch_size or add data"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.train_batch_size
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def global_batches(self, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
+        order = self.order(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            yield order[step * self.train_batch_size : (step + 1) * self.train_batch_size]
+
+
+def split_global_batch(
+    indices: Sequence[int],
+    lengths: Sequence[int],
+    world_size: int,
+    micro_batch_size: int | None = None,
+    token_budget: int | None = None,
+) -> list[list[list[int]]]:
+    """``plan[rank][micro_batch] -> sample indices`` (into the dataset).
+
+    By count (``micro_batch_size``): rank r takes samples r, r+W, ... and cuts them into
+    micro-batches of that size. By tokens (``token_budget``, ``lengths[i]`` per dataset index): as
+    many balanced micro-batches as the budget needs, the same number on every rank.
+    """
+    if len(indices) % world_size:
+        raise ValueError(f"global batch of {len(indices)} is not divisible by world size {world_size}")
+    if token_budget is not None:
+        plan = balanced_micro_batches([lengths[i] for i in indices], token_budget, world_size)
+        return [[[indices[j] for j in mb] for mb in rank_plan] for rank_plan in plan]
+    if micro_batch_size is None:
+        raise ValueError("give micro_batch_size or token_budget")
+    per_rank = len(indices) // world_size
+    if per_rank % micro_batch_size:
+        raise ValueError(
+            f"train_batch_size {len(indices)} / world size {world_size} = {per_rank} samples per rank "
+            f"is not a multiple of micro_train_batch_size {micro_batch_size}"
+        )
+    plan = []
+    for r in range(world_size):
+        mine = list(indices[r::world_size])
+        plan.append([mine[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)])
+    return plan

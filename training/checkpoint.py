@@ -1,0 +1,81 @@
+"""Resumable training state: sharded model + optimizer (``models.fsdp``), scheduler, RNG of every
+rank, and the trainer's position (step, epoch, batches consumed), under ``--ckpt_path``.
+
+Layout: ``ckpt_path/step_000120/{model+optim shards, trainer_state.json, scheduler.pt,
+rng_rank{r}.pt}`` and ``ckpt_path/latest`` naming the newest complete one. ``latest`` is written
+last and atomically, so a run killed mid-save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.distributed import barrier, is_main_process
+from models.fsdp import load_sharded, save_sharded
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    root = Path(ckpt_path)
+    folder = root / f"step_{step:06d}"
+    save_sharded(folder, model, [optimizer])
+    torch.save(rng_state(), folder / f"rng_rank{_rank()}.pt")
+    if is_main_process():
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        (folder / "trainer_state.json").write_text(json.dumps(trainer_state | {"step": step}, indent=2))
+    barrier()
+    if is_main_process():
+        tmp = root / "latest.tmp"
+        tmp.write_text(folder.name)
+        os.replace(tmp, root / "latest")
+        old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != folder and not p.name.endswith(".tmp"))
+        for p in old[: max(len(old) - (keep - 1), 0)]:
+            shutil.rmtree(p, ignore_errors=True)
+    barrier()
+    return folder
+
+
+def latest_checkpoint(ckpt_path) -> Path | None:
+    marker = Path(ckpt_path or "", "latest")
+    if not ckpt_path or not marker.exists():
+        return None
+    folder = marker.parent / marker.read_text().strip()
+    return folder if (folder / "trainer_state.json").exists() else None
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (with ``step``)."""
+    load_sharded(folder, model, [optimizer])
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    rng_file = folder / f"rng_rank{_rank()}.pt"
+    if rng_file.exists():  # absent when resuming at another world size: RNG then restarts
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((folder / "trainer_state.json").read_text())

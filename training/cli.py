@@ -1,0 +1,18 @@
+"""Entry-point wrapper: user mistakes (bad data, bad options) end with one clear line, not a
+traceback; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from rlhf_data.errors import DataError
+from training.config import ConfigError
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    try:
+        main()
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
