@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from transformers import AutoTokenizer
 
-from models.distributed import all_reduce_mean, init_distributed
+from models.distributed import init_distributed
 from models.fsdp import save_hf_pretrained, shard_model
 from models.value_model import RewardModel
 from rlhf_data import PreferenceKeys, validate_preference
@@ -34,12 +33,13 @@ from rlhf_data.collate import collate_pairs
 from rlhf_data.mixing import train_eval_rows
 from rlhf_data.tokenize import tokenize_preference
 from training.batches import EpochSampler, split_global_batch
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import resume_position, save_checkpoint
 from training.cli import run_cli
 from training.config import ConfigError, DistributedArgs, LoggingArgs, parse_config
 from training.metrics_logger import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.progress import progress_bar
+from training.step import global_means, train_step
 from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
 
 
@@ -177,18 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     pad_id = tokenizer.pad_token_id
 
     # ---- resume
-    step, start_epoch, start_in_epoch = 0, 0, 0
-    position = (0, 0)
-    ckpt = latest_checkpoint(cfg.ckpt_path)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        position = (start_epoch, start_in_epoch)
-        log(f"[resume] from {ckpt} at step {step} (epoch {start_epoch}, batch {start_in_epoch})")
+    resumed = resume_position(cfg.ckpt_path, model, optimizer, scheduler, log)
+    step, epoch, in_epoch = resumed or (0, 0, 0)
+    position = (epoch, in_epoch)  # of the next global batch
     logger = MetricsLogger(
         cfg.logging_path, enabled=env.is_main, use_wandb=cfg.use_wandb, use_tensorboard=cfg.use_tensorboard,
         wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
-        resume_step=step if ckpt is not None else None,
+        resume_step=step if resumed else None,
     )
 
     def save(position: tuple[int, int]):
@@ -200,59 +195,45 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- train
     bar = progress_bar(total_steps, "rm", env.is_main, initial=step, unit="step")
-    eval_metrics: dict = {}
-    t_last, tokens_since = time.perf_counter(), 0
-    for epoch in range(start_epoch, cfg.max_epochs):
-        first = start_in_epoch if epoch == start_epoch else 0
-        for in_epoch, indices in enumerate(sampler.global_batches(epoch, first), start=first):
-            if step >= total_steps:
-                break
-            pairs = [train_pairs[i] for i in indices]
-            n_lm = sum(scored_response_tokens(p) for p in pairs)
-            plan = split_global_batch(
-                indices, [p.num_tokens for p in train_pairs], env.world_size,
-                micro_batch_size=None if cfg.packing_samples else cfg.micro_train_batch_size,
-                token_budget=token_budget if cfg.packing_samples else None,
-            )[env.rank]
-            totals: dict[str, torch.Tensor] = {}
-            for m, micro in enumerate(plan):
-                if isinstance(model, FSDPModule):  # reduce-scatter gradients once, after the last micro-batch
-                    model.set_requires_gradient_sync(m == len(plan) - 1)
-                pb = collate_pairs([train_pairs[i] for i in micro], cfg.packing_samples, pad_id).to(env.device)
-                loss, stats = pair_loss(model, pb, cfg, len(indices), n_lm, env.world_size)
-                loss.backward()
-                tokens_since += pb.batch.num_tokens
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0) + v.float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            position = (epoch, in_epoch + 1) if in_epoch + 1 < sampler.steps_per_epoch else (epoch + 1, 0)
-            bar.update(1)
+    t_last, real_since, processed_since = time.perf_counter(), 0, 0
+    for epoch, indices, position in sampler.batches_from(position, cfg.max_epochs, total_steps - step):
+        pairs = [train_pairs[i] for i in indices]
+        real_since += sum(p.num_tokens for p in pairs)
+        n_lm = sum(scored_response_tokens(p) for p in pairs)
+        plan = split_global_batch(
+            indices, [p.num_tokens for p in train_pairs], env.world_size,
+            micro_batch_size=None if cfg.packing_samples else cfg.micro_train_batch_size,
+            token_budget=token_budget if cfg.packing_samples else None,
+        )[env.rank]
 
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                # per-rank sums -> sums over all ranks -> global-batch means
-                world_sum = {k: all_reduce_mean(v.detach()) * env.world_size for k, v in totals.items()}
-                metrics = {k: (v / len(indices)).item() for k, v in world_sum.items()}
-                now = time.perf_counter()
-                metrics |= {
-                    "loss": metrics["rm_loss"] + cfg.lm_loss_coef * metrics.get("lm_loss", 0.0),
-                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                    "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                    "tokens_per_s": tokens_since * env.world_size / (now - t_last),
-                }
-                t_last, tokens_since = now, 0
-                logger.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
-            if eval_pairs and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < total_steps:
-                eval_metrics, _ = evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)
-                logger.log(step, eval_metrics)
-            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
-                save(position)
-        if step >= total_steps:
-            break
+        def micro_loss(micro):
+            pb = collate_pairs([train_pairs[i] for i in micro], cfg.packing_samples, pad_id).to(env.device)
+            loss, stats = pair_loss(model, pb, cfg, len(indices), n_lm, env.world_size)
+            return loss, stats, pb.batch.num_tokens
+
+        totals, grad_norm, processed = train_step(model, plan, micro_loss, optimizer, scheduler, cfg.max_norm)
+        processed_since += processed
+        step += 1
+        bar.update(1)
+
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            metrics = global_means(totals, len(indices), env.world_size)
+            now = time.perf_counter()
+            metrics |= {
+                "loss": metrics["rm_loss"] + cfg.lm_loss_coef * metrics.get("lm_loss", 0.0),
+                "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                "tokens_per_s": real_since / (now - t_last),  # real tokens, all ranks
+                "processed_tokens_per_s": processed_since * env.world_size / (now - t_last),  # + padding
+            }
+            t_last, real_since, processed_since = now, 0, 0
+            logger.log(step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
+        if eval_pairs and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < total_steps:
+            eval_metrics, _ = evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)
+            logger.log(step, eval_metrics)
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
+            save(position)
     bar.close()
 
     # ---- final evaluation and save

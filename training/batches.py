@@ -44,6 +44,23 @@ class EpochSampler:
             yield order[step * self.train_batch_size : (step + 1) * self.train_batch_size]
 
 
+    def batches_from(
+        self, position: tuple[int, int], max_epochs: int, limit: int
+    ) -> Iterator[tuple[int, list[int], tuple[int, int]]]:
+        """``(epoch, indices, position after it)`` for the global batches from ``position``
+        = (epoch, batch index in that epoch) on, at most ``limit`` of them: the loop of a trainer,
+        which checkpoints the position after each step to resume exactly there."""
+        epoch, first = position
+        for epoch in range(epoch, max_epochs):
+            for b, indices in enumerate(self.global_batches(epoch, first), start=first):
+                if limit <= 0:
+                    return
+                limit -= 1
+                after = (epoch, b + 1) if b + 1 < self.steps_per_epoch else (epoch + 1, 0)
+                yield epoch, indices, after
+            first = 0
+
+
 def split_global_batch(
     indices: Sequence[int],
     lengths: Sequence[int],

@@ -79,3 +79,14 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     if rng_file.exists():  # absent when resuming at another world size: RNG then restarts
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((folder / "trainer_state.json").read_text())
+
+
+def resume_position(ckpt_path, model, optimizer, scheduler, log=print) -> tuple[int, int, int] | None:
+    """Load the newest checkpoint under ``ckpt_path`` if there is one; returns
+    ``(step, epoch, batch index within the epoch)`` to continue from, or None for a fresh start."""
+    folder = latest_checkpoint(ckpt_path)
+    if folder is None:
+        return None
+    state = load_checkpoint(folder, model, optimizer, scheduler)
+    log(f"[resume] from {folder} at step {state['step']} (epoch {state['epoch']}, batch {state['step_in_epoch']})")
+    return state["step"], state["epoch"], state["step_in_epoch"]
