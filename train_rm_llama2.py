@@ -35,7 +35,9 @@ from rlhf_data.tokenize import tokenize_preference
 from training.batches import EpochSampler, split_global_batch
 from training.checkpoint import resume_position, save_checkpoint
 from training.cli import run_cli
-from training.config import ConfigError, DistributedArgs, LoggingArgs, parse_config
+from training.config import (
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, parse_config,
+)
 from training.metrics_logger import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.progress import progress_bar
@@ -44,39 +46,18 @@ from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
 
 
 @dataclass
-class RMConfig(DistributedArgs, LoggingArgs):
+class RMConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs):
     """Train a reward model on preference pairs."""
 
     pretrain: str = field(default="", metadata={"help": "HF folder: a causal LM (new score head) or a reward model"})
-    dataset: str = field(default="", metadata={"help": "comma-separated jsonl/json/parquet files or save_to_disk folders"})
-    dataset_probs: str | None = field(default=None, metadata={"help": "comma-separated mixing weights, one per dataset"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation files (else --eval_split of each dataset)"})
-    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation"})
     prompt_key: str = "message"
     chosen_key: str = "chose"
     rejected_key: str = "reject"
     margin_key: str = "margin"
-    skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed rows instead of stopping"})
     apply_chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template (always on)"})
-    max_len: int = field(default=2048, metadata={"help": "max tokens of prompt + response (prompt truncated from the left first)"})
-    train_batch_size: int = field(default=256, metadata={"help": "pairs per optimizer step, all ranks together"})
-    micro_train_batch_size: int = field(default=4, metadata={"help": "pairs per micro-batch per rank (without packing)"})
-    packing_samples: bool = field(default=False, metadata={"help": "pack samples into rows (no padding), varlen attention"})
-    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a packed micro-batch (default 2 x micro_train_batch_size x max_len)"})
-    max_epochs: int = 1
-    learning_rate: float = 1e-5
-    l2: float = field(default=0.0, metadata={"help": "weight decay"})
-    lr_warmup_ratio: float = 0.03
-    max_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     loss: str = field(default="sigmoid", metadata={"help": "sigmoid | logexp | logexpwithlm"})
     lm_loss_coef: float = field(default=1.0, metadata={"help": "weight of the LM term of logexpwithlm"})
     use_margin: bool = field(default=False, metadata={"help": "require r_chosen - r_rejected >= margin (from --margin_key)"})
-    eval_steps: int = field(default=-1, metadata={"help": "evaluate every N steps (-1: at the end only)"})
-    save_path: str | None = field(default=None, metadata={"help": "HF folder written at the end and every --save_steps"})
-    save_steps: int = field(default=-1, metadata={"help": "save (and checkpoint) every N steps; -1: at the end only"})
-    ckpt_path: str | None = field(default=None, metadata={"help": "resumable state; a rerun with the same command resumes"})
-    max_ckpt_num: int = 2
-    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: all epochs)"})
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:

@@ -85,6 +85,8 @@ def score_tokens(
         out = flat_hidden.new_zeros(batch.input_ids.shape, dtype=torch.float32)
         if positions.numel():
             out.view(-1).index_put_((positions,), torch.cat(parts))
+        else:  # nothing to score: stay in the graph so backward (and FSDP's reductions) still run
+            out = out + 0.0 * flat_hidden.sum()
         return out
 
     return ActorOutput(scatter(chosen), scatter(entropies) if return_entropy else None)

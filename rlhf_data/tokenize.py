@@ -94,3 +94,36 @@ def tokenize_preference(tokenizer, row: dict, max_len: int) -> PreferencePair:
         chosen.input_ids, chosen.prompt_len, rejected.input_ids, rejected.prompt_len,
         float(row.get("margin", 0.0)), chosen.truncated or rejected.truncated,
     )
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    loss_mask: list[bool]  # True on assistant tokens (content and the EOS that ends the turn)
+    truncated: bool
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, source: str = "", row: int = 0) -> TokenizedConversation:
+    """Chat-templated ids of a whole conversation with a mask selecting what the assistant says.
+
+    The template is rendered turn by turn: the text before each assistant turn (its header
+    included, via ``add_generation_prompt``) is context, the text the turn adds is trained on. Each
+    piece is tokenized on its own so the mask follows the text exactly. Longer than ``max_len``:
+    cut from the right (the first turns are kept).
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    rendered = ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        context, reply = render_chat(tokenizer, messages[:i], turn["content"])
+        if not context.startswith(rendered):
+            raise DataError(source, row, f"messages[{i}]", "the chat template re-renders earlier turns differently; cannot mask per turn")
+        for text, trained in ((context[len(rendered):], False), (reply, True)):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [trained] * len(piece)
+        rendered = context + reply
+    truncated = len(ids) > max_len
+    return TokenizedConversation(ids[:max_len], mask[:max_len], truncated)

@@ -40,3 +40,21 @@ def test_long_response_is_cut_but_keeps_final_eos(tok):
     assert s.prompt_len == full.prompt_len  # a short prompt is kept whole
     assert s.input_ids[-1] == tok.eos_token_id
     assert s.input_ids[:-1] == full.input_ids[:47]
+
+
+def test_conversation_mask_covers_exactly_the_assistant_turns(tok):
+    from rlhf_data.tokenize import tokenize_conversation
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+    ]
+    conv = tokenize_conversation(tok, messages, max_len=512)
+    assert tok.decode(conv.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    trained = [t for t, m in zip(conv.input_ids, conv.loss_mask) if m]
+    assert tok.decode(trained) == "Hello!" + tok.eos_token + "Blue." + tok.eos_token
+    cut = tokenize_conversation(tok, messages, max_len=10)
+    assert cut.truncated and len(cut.input_ids) == 10 and cut.input_ids == conv.input_ids[:10]

@@ -1,11 +1,7 @@
 """train_rm_llama2.py end to end on the tiny model: learning, equivalences, resume, bad input."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import re
 from pathlib import Path
 
 import pytest
@@ -13,10 +9,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import train_rm_llama2
-from models.distributed import free_port
 from rlhf_data.tokenize import tokenize_preference
 from rlhf_data import validate_preference
 from tests.synthetic_data import preference_rows, write_jsonl
+from tests.trainer_runs import base_args, kill_after_checkpoint, losses, run_script
 from training.metrics_logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,35 +23,6 @@ SCRIPT = str(ROOT / "train_rm_llama2.py")
 def prefs(tmp_path_factory):
     d = tmp_path_factory.mktemp("prefs")
     return write_jsonl(d / "train.jsonl", preference_rows(320, seed=0)), write_jsonl(d / "eval.jsonl", preference_rows(64, seed=1))
-
-
-def base_args(model_dir, data, out: Path, **overrides) -> list[str]:
-    args = {
-        "pretrain": model_dir, "dataset": data, "train_batch_size": 8, "micro_train_batch_size": 4,
-        "max_len": 96, "learning_rate": 1e-3, "max_epochs": 1, "logging_path": out / "log", "seed": 3,
-    } | overrides
-    flat = []
-    for k, v in args.items():
-        if v is True:
-            flat.append(f"--{k}")
-        elif v is not False and v is not None:
-            flat += [f"--{k}", str(v)]
-    return flat
-
-
-def losses(out: Path, key="loss") -> list[float]:
-    return [r[key] for r in read_metrics(out / "log") if key in r]
-
-
-def run_script(args, nproc=1, timeout=600, check=True):
-    if nproc == 1:
-        cmd = [sys.executable, SCRIPT, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", SCRIPT, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    if check:
-        assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
 
 
 def test_learns_a_learnable_rule_and_saved_model_scores_like_eval(tiny_model_dir, prefs, tmp_path):
@@ -100,7 +67,7 @@ def test_gradient_accumulation_and_packing_do_not_change_the_loss_curve(tiny_mod
 def test_two_process_fsdp_gives_the_single_process_loss_curve(tiny_model_dir, prefs, tmp_path):
     train, _ = prefs
     common = dict(max_steps=5, packing_samples=True, packing_max_tokens=300, loss="sigmoid")
-    run_script(base_args(tiny_model_dir, train, tmp_path / "two", **common), nproc=2)
+    run_script(SCRIPT, base_args(tiny_model_dir, train, tmp_path / "two", **common), nproc=2)
     train_rm_llama2.main(base_args(tiny_model_dir, train, tmp_path / "one", **common))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == 5
@@ -111,23 +78,10 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, prefs, tmp_path):
     train, _ = prefs
     common = dict(max_steps=12, save_steps=1, packing_samples=True, loss="logexpwithlm")
     train_rm_llama2.main(base_args(tiny_model_dir, train, tmp_path / "full", **common))
-
     args = base_args(tiny_model_dir, train, tmp_path / "killed", ckpt_path=tmp_path / "killed" / "ckpt", **common)
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
-    latest = tmp_path / "killed" / "ckpt" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step_000004":
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed: " + proc.stderr.read().decode()[-3000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = len(losses(tmp_path / "killed"))
-    assert 4 <= killed_at < 12
-
-    run_script(args)  # the same command resumes
+    kill_after_checkpoint(SCRIPT, args, tmp_path / "killed" / "ckpt", step=4)
+    assert 4 <= len(losses(tmp_path / "killed")) < 12
+    run_script(SCRIPT, args)  # the same command resumes
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6, rel=0)
     assert [r["step"] for r in read_metrics(tmp_path / "killed" / "log") if "loss" in r] == list(range(1, 13))
 
@@ -148,11 +102,10 @@ def test_bad_input_stops_with_one_clear_line(tiny_model_dir, tmp_path, case):
     content, pattern = BAD_CASES[case]
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
-    proc = run_script(base_args(tiny_model_dir, bad, tmp_path), check=False)
+    proc = run_script(SCRIPT, base_args(tiny_model_dir, bad, tmp_path), check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    import re
     assert re.search(pattern, last), last
     assert not (tmp_path / "log" / "metrics.jsonl").exists()  # stopped before any training
 
@@ -164,6 +117,6 @@ def test_skip_bad_rows_reports_them_and_trains(tiny_model_dir, prefs, tmp_path):
     lines[3] = '{"message": "hi", "chose": 7, "reject": "b"}'
     lines[9] = "not json"
     mixed.write_text("\n".join(lines) + "\n")
-    proc = run_script(base_args(tiny_model_dir, mixed, tmp_path, max_steps=1, skip_bad_rows=True))
+    proc = run_script(SCRIPT, base_args(tiny_model_dir, mixed, tmp_path, max_steps=1, skip_bad_rows=True))
     assert "skipped 2 of 40 rows" in proc.stdout
     assert "mixed.jsonl:4" in proc.stdout and "mixed.jsonl:10" in proc.stdout

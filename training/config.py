@@ -119,3 +119,36 @@ class LoggingArgs:
     wandb_project: str = field(default="self-ref-rlhf", metadata={"help": "wandb project"})
     wandb_run_name: str | None = field(default=None, metadata={"help": "wandb run name"})
     use_tensorboard: bool = field(default=False, metadata={"help": "write tensorboard events under logging_path/tensorboard"})
+
+
+@dataclass
+class TrainDataArgs:
+    dataset: str = field(default="", metadata={"help": "comma-separated jsonl/json/parquet files or save_to_disk folders"})
+    dataset_probs: str | None = field(default=None, metadata={"help": "comma-separated mixing weights, one per dataset"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation files (else --eval_split of each dataset)"})
+    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation"})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed rows instead of stopping"})
+    max_len: int = field(default=2048, metadata={"help": "max tokens per sample"})
+
+
+@dataclass
+class TrainLoopArgs:
+    train_batch_size: int = field(default=256, metadata={"help": "samples (pairs for RMs) per optimizer step, all ranks together"})
+    micro_train_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch per rank (without packing)"})
+    packing_samples: bool = field(default=False, metadata={"help": "pack samples into rows (no padding), varlen attention"})
+    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a packed micro-batch (default: micro_train_batch_size x max_len, x2 for pairs)"})
+    max_epochs: int = 1
+    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: all epochs)"})
+    learning_rate: float = 1e-5
+    l2: float = field(default=0.0, metadata={"help": "weight decay"})
+    lr_warmup_ratio: float = 0.03
+    max_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    eval_steps: int = field(default=-1, metadata={"help": "evaluate every N steps (-1: at the end only)"})
+
+
+@dataclass
+class CheckpointArgs:
+    save_path: str | None = field(default=None, metadata={"help": "HF folder written at the end and every --save_steps"})
+    save_steps: int = field(default=-1, metadata={"help": "save (and checkpoint) every N steps; -1: at the end only"})
+    ckpt_path: str | None = field(default=None, metadata={"help": "resumable state; a rerun with the same command resumes"})
+    max_ckpt_num: int = field(default=2, metadata={"help": "checkpoints kept in --ckpt_path"})
