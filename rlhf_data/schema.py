@@ -118,3 +118,18 @@ def validate_conversation(record: dict, key: str = "messages") -> dict:
 def validate_prompt(record: dict, key: str = "message") -> dict:
     """An RL prompt (``--input_key``): ``{"message": turns}`` ending with a user turn."""
     return {"message": _prompt_turns(_required(record, key), key)}
+
+
+def validate_response_pair(record: dict, message_key: str = "message", responses_key: str = "responses") -> dict:
+    """Two candidate responses to judge: ``{"message": turns, "responses": [str, str]}`` (plus the
+    row's ``id`` when it has a string one)."""
+    message = _prompt_turns(_required(record, message_key), message_key)
+    responses = _required(record, responses_key)
+    if not isinstance(responses, (list, tuple)) or len(responses) != 2:
+        got = f"{len(responses)} items" if isinstance(responses, (list, tuple)) else type_name(responses)
+        raise DataError(None, None, responses_key, f"expected a list of two responses, got {got}")
+    pair = [_text(r, f"{responses_key}[{i}]") for i, r in enumerate(responses)]
+    out = {"message": message, "responses": pair}
+    if isinstance(record.get("id"), str) and record["id"]:
+        out["id"] = record["id"]
+    return out

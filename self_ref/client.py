@@ -1,0 +1,206 @@
+"""An OpenAI-compatible chat client for judge servers (lmdeploy, vLLM, any other).
+
+* Several base URLs (one server per GPU, as in the seed system): requests go round-robin to the
+  servers that are up; a server that fails to connect or answers 5xx is benched for a cool-down
+  and the request moves on to the next one.
+* Retries with exponential backoff (and jitter) on time-outs, dropped connections, 5xx / 429 and
+  bodies that are not the JSON of a completion. Other 4xx are the caller's mistake: no retry.
+* ``score_continuations``: the log-probability of given texts as the continuation of the judge's
+  own (partial) reply, through vLLM's ``continue_final_message`` + ``prompt_logprobs``
+  extensions. Servers without them (lmdeploy) are detected on first use and the caller falls
+  back to ``top_logprobs`` of the generated tokens, then to text only.
+The API key is read from an environment variable and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class JudgeRequestError(RuntimeError):
+    """A request that failed for good (after retries, or a non-retryable 4xx)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Server:
+    base_url: str
+    down_until: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+
+
+class JudgeClient:
+    def __init__(
+        self,
+        base_urls: list[str] | str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        concurrency: int = 16,
+        cooldown: float = 10.0,
+        backoff: float = 0.5,
+        seed: int = 0,
+    ):
+        urls = [u.strip().rstrip("/") for u in (base_urls.split(",") if isinstance(base_urls, str) else base_urls) if u.strip()]
+        if not urls:
+            raise ValueError("no judge base URL given (--base_url)")
+        self.servers = [_Server(u) for u in urls]
+        self.model = model
+        self.max_retries = max_retries
+        self.cooldown = cooldown
+        self.backoff = backoff
+        self.stats = ClientStats()
+        self.supports_scoring: bool | None = None  # learned on first use
+        self._next = 0
+        self._rng = random.Random(seed)
+        self._limit = asyncio.Semaphore(concurrency)
+        key = os.environ.get(api_key_env) or "EMPTY"
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout), headers={"Authorization": f"Bearer {key}"},
+            limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    def _pick_server(self) -> _Server:
+        now = time.monotonic()
+        n = len(self.servers)
+        for k in range(n):
+            server = self.servers[(self._next + k) % n]
+            if server.down_until <= now:
+                self._next = (self._next + k + 1) % n
+                return server
+        # all benched: take the one that comes back first
+        return min(self.servers, key=lambda s: s.down_until)
+
+    def _bench(self, server: _Server, why: str) -> None:
+        server.failures += 1
+        server.down_until = time.monotonic() + self.cooldown
+        logger.warning("judge server %s benched for %.0fs: %s", server.base_url, self.cooldown, why)
+
+    async def post(self, path: str, payload: dict) -> dict:
+        """POST ``payload`` (with ``model`` filled in) to one of the servers, retrying."""
+        payload = {"model": self.model, **payload}
+        last_error = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                delay = min(self.backoff * 2 ** (attempt - 1), 30.0) * (0.5 + self._rng.random())
+                await asyncio.sleep(delay)
+            server = self._pick_server()
+            wait = server.down_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.stats.requests += 1
+            try:
+                async with self._limit:
+                    response = await self._http.post(server.base_url + path, json=payload)
+            except httpx.TimeoutException:
+                self.stats.count("timeout")
+                last_error = f"timeout from {server.base_url}"
+                continue
+            except httpx.TransportError as e:  # refused, reset, dropped mid-body
+                self.stats.count("connection")
+                self._bench(server, type(e).__name__)
+                last_error = f"{type(e).__name__} from {server.base_url}"
+                continue
+            if response.status_code in RETRYABLE_STATUS:
+                self.stats.count(f"http_{response.status_code}")
+                if response.status_code >= 500:
+                    self._bench(server, f"HTTP {response.status_code}")
+                last_error = f"HTTP {response.status_code} from {server.base_url}"
+                continue
+            if response.status_code >= 400:
+                raise JudgeRequestError(
+                    f"HTTP {response.status_code} from {server.base_url}{path}: {response.text[:300]}",
+                    status=response.status_code,
+                )
+            try:
+                body = response.json()
+                if not isinstance(body, dict) or not body.get("choices"):
+                    raise ValueError("no choices")
+            except ValueError:
+                self.stats.count("bad_body")
+                last_error = f"unreadable body from {server.base_url}"
+                continue
+            server.failures = 0
+            return body
+        raise JudgeRequestError(f"{path} failed after {self.max_retries + 1} attempts: {last_error}")
+
+    async def chat(self, messages: list[dict], **params) -> dict:
+        """``/chat/completions``; returns the first choice (``message``, ``logprobs``...)."""
+        body = await self.post("/chat/completions", {"messages": messages, **params})
+        choice = body["choices"][0]
+        if not isinstance(choice.get("message", {}).get("content"), str):
+            raise JudgeRequestError("chat completion without text content")
+        return choice
+
+    async def score_continuations(self, messages: list[dict], reply_prefix: str, continuations: list[str]) -> list[float] | None:
+        """Sum of log-probs of each continuation's tokens after ``reply_prefix`` (the judge's
+        reply so far), or None when the server lacks the vLLM scoring extensions."""
+        if self.supports_scoring is False:
+            return None
+        scored = []
+        for text in continuations:
+            payload = {
+                "messages": messages + [{"role": "assistant", "content": reply_prefix + text}],
+                "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
+            }
+            try:
+                body = await self.post("/chat/completions", payload)
+            except JudgeRequestError as e:
+                if self.supports_scoring is None and e.status in (400, 422):
+                    self.supports_scoring = False  # the server rejects the extensions
+                    return None
+                raise
+            ids, lps = body.get("prompt_token_ids"), body.get("prompt_logprobs")
+            if lps and not ids and all(e is None or len(e) == 1 for e in lps):
+                # with prompt_logprobs=0 each position lists only the prompt's own token
+                ids = [None if e is None else int(next(iter(e))) for e in lps]
+                ids[0] = ids[0] if ids[0] is not None else -1
+            if not ids or not lps or len(ids) != len(lps):
+                if self.supports_scoring is not True:  # the server ignores the extensions
+                    self.supports_scoring = False
+                    return None
+                raise JudgeRequestError("scoring response without prompt_logprobs")
+            self.supports_scoring = True
+            scored.append([(tok, None if e is None else e[str(tok)]["logprob"]) for tok, e in zip(ids, lps)])
+        # the continuations differ from the first differing token on: sum from there to the end
+        first = 0
+        while all(first < len(s) for s in scored) and len({s[first][0] for s in scored}) == 1:
+            first += 1
+        return [sum(lp for _, lp in s[first:] if lp is not None) for s in scored]

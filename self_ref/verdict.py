@@ -1,0 +1,37 @@
+"""Reading the verdict out of a judgement text."""
+
+from __future__ import annotations
+
+import re
+
+from self_ref.prompts import JudgePrompts
+
+
+def _verdict_pattern(prompts: JudgePrompts) -> re.Pattern:
+    labels = "|".join(re.escape(label) for label in prompts.labels)
+    prefix = re.escape(prompts.verdict_prefix.rstrip(":").strip())
+    # "Verdict: A", "verdict : [B]", "**Verdict:** A", "Verdict: Response A"
+    return re.compile(rf"{prefix}\W*:?\W*(?:response\s+)?({labels})(?![\w])", re.IGNORECASE)
+
+
+def parse_verdict(text: str, prompts: JudgePrompts) -> int | None:
+    """0 if the judge prefers response A, 1 for B, None if there is no verdict line.
+
+    The last verdict in the text counts (a critique may quote the format before concluding).
+    A label counts only right after the verdict prefix, so "a" in prose is never read as one.
+    """
+    matches = list(_verdict_pattern(prompts).finditer(text or ""))
+    if not matches:
+        return None
+    label = matches[-1].group(1)
+    for i, candidate in enumerate(prompts.labels):
+        if label.lower() == candidate.lower():
+            return i
+    return None
+
+
+def verdict_prefix_end(text: str, prompts: JudgePrompts) -> int | None:
+    """Index just after the last verdict prefix (e.g. after "Verdict:"), where the label starts;
+    None if the text has no prefix. Used to score the label tokens with the judge's log-probs."""
+    idx = (text or "").rfind(prompts.verdict_prefix)
+    return None if idx < 0 else idx + len(prompts.verdict_prefix)
