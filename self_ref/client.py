@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat client for judge servers (lmdeploy, vLLM, any other).
+"""An OpenAI-compatible client for judge and policy servers (lmdeploy, vLLM, any other).
 
 * Several base URLs (one server per GPU, as in the seed system): requests go round-robin to the
   servers that are up; a server that fails to connect or answers 5xx is benched for a cool-down
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class JudgeRequestError(RuntimeError):
+class RequestFailed(RuntimeError):
     """A request that failed for good (after retries, or a non-retryable 4xx)."""
 
     def __init__(self, message: str, status: int | None = None):
@@ -53,7 +53,7 @@ class ClientStats:
         self.failures[kind] = self.failures.get(kind, 0) + 1
 
 
-class JudgeClient:
+class OpenAIClient:
     def __init__(
         self,
         base_urls: list[str] | str,
@@ -112,8 +112,15 @@ class JudgeClient:
         logger.warning("judge server %s benched for %.0fs: %s", server.base_url, self.cooldown, why)
 
     async def post(self, path: str, payload: dict) -> dict:
-        """POST ``payload`` (with ``model`` filled in) to one of the servers, retrying."""
-        payload = {"model": self.model, **payload}
+        """POST ``payload`` (with ``model`` filled in) to one of the servers, retrying; the
+        answer must be a completion (with ``choices``)."""
+        return await self.request("POST", path, {"model": self.model, **payload}, need_choices=True)
+
+    async def get(self, path: str) -> dict:
+        return await self.request("GET", path, None, need_choices=False)
+
+    async def request(self, method: str, path: str, payload: dict | None, need_choices: bool) -> dict:
+        """One request to one of the servers, retrying what a retry can fix."""
         last_error = "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -127,7 +134,7 @@ class JudgeClient:
             self.stats.requests += 1
             try:
                 async with self._limit:
-                    response = await self._http.post(server.base_url + path, json=payload)
+                    response = await self._http.request(method, server.base_url + path, json=payload)
             except httpx.TimeoutException:
                 self.stats.count("timeout")
                 last_error = f"timeout from {server.base_url}"
@@ -144,29 +151,37 @@ class JudgeClient:
                 last_error = f"HTTP {response.status_code} from {server.base_url}"
                 continue
             if response.status_code >= 400:
-                raise JudgeRequestError(
+                raise RequestFailed(
                     f"HTTP {response.status_code} from {server.base_url}{path}: {response.text[:300]}",
                     status=response.status_code,
                 )
             try:
                 body = response.json()
-                if not isinstance(body, dict) or not body.get("choices"):
-                    raise ValueError("no choices")
+                if not isinstance(body, dict) or (need_choices and not body.get("choices")):
+                    raise ValueError("not a completion")
             except ValueError:
                 self.stats.count("bad_body")
                 last_error = f"unreadable body from {server.base_url}"
                 continue
             server.failures = 0
             return body
-        raise JudgeRequestError(f"{path} failed after {self.max_retries + 1} attempts: {last_error}")
+        raise RequestFailed(f"{path} failed after {self.max_retries + 1} attempts: {last_error}")
+
+    async def chat_choices(self, messages: list[dict], **params) -> list[dict]:
+        """``/chat/completions``; every choice (``message``, ``logprobs``...)."""
+        body = await self.post("/chat/completions", {"messages": messages, **params})
+        choices = body["choices"]
+        if not all(isinstance((ch.get("message") or {}).get("content"), str) for ch in choices):
+            raise RequestFailed("chat completion without text content")
+        return choices
 
     async def chat(self, messages: list[dict], **params) -> dict:
-        """``/chat/completions``; returns the first choice (``message``, ``logprobs``...)."""
-        body = await self.post("/chat/completions", {"messages": messages, **params})
-        choice = body["choices"][0]
-        if not isinstance(choice.get("message", {}).get("content"), str):
-            raise JudgeRequestError("chat completion without text content")
-        return choice
+        """The first choice of a ``/chat/completions`` answer."""
+        return (await self.chat_choices(messages, **params))[0]
+
+    async def served_models(self) -> list[str]:
+        body = await self.get("/models")
+        return [m["id"] for m in body.get("data", []) if isinstance(m, dict) and m.get("id")]
 
     async def score_continuations(self, messages: list[dict], reply_prefix: str, continuations: list[str]) -> list[float] | None:
         """Sum of log-probs of each continuation's tokens after ``reply_prefix`` (the judge's
@@ -182,7 +197,7 @@ class JudgeClient:
             }
             try:
                 body = await self.post("/chat/completions", payload)
-            except JudgeRequestError as e:
+            except RequestFailed as e:
                 if self.supports_scoring is None and e.status in (400, 422):
                     self.supports_scoring = False  # the server rejects the extensions
                     return None
@@ -196,7 +211,7 @@ class JudgeClient:
                 if self.supports_scoring is not True:  # the server ignores the extensions
                     self.supports_scoring = False
                     return None
-                raise JudgeRequestError("scoring response without prompt_logprobs")
+                raise RequestFailed("scoring response without prompt_logprobs")
             self.supports_scoring = True
             scored.append([(tok, None if e is None else e[str(tok)]["logprob"]) for tok, e in zip(ids, lps)])
         # the continuations differ from the first differing token on: sum from there to the end

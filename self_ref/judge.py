@@ -16,10 +16,11 @@ counted as unusable and its raw text kept. ``self_ref.votes`` turns the votes in
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
+import json
 from dataclasses import dataclass
 
-from self_ref.client import JudgeClient
+from self_ref.client import OpenAIClient
 from self_ref.prompts import JudgePrompts
 from self_ref.verdict import parse_verdict, verdict_prefix_end
 from self_ref.votes import Vote, aggregate_votes, sigmoid
@@ -36,6 +37,13 @@ class JudgeSettings:
     max_parse_retries: int = 2
     top_logprobs: int = 20
     seed: int = 0
+
+
+def request_seed(messages: list[dict], seed: int, attempt: int) -> int:
+    """A sampling seed fixed by the request's content: the same judgement request gets the same
+    answer whichever pair, order or run it comes from (re-asks after unparsable text sample)."""
+    digest = hashlib.sha256(json.dumps([seed, attempt, messages], sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def p_a_from_top_logprobs(choice: dict, prompts: JudgePrompts) -> float | None:
@@ -55,7 +63,7 @@ def p_a_from_top_logprobs(choice: dict, prompts: JudgePrompts) -> float | None:
     return None
 
 
-async def _vote(client: JudgeClient, prompts: JudgePrompts, settings: JudgeSettings,
+async def _vote(client: OpenAIClient, prompts: JudgePrompts, settings: JudgeSettings,
                 message: list[dict], own_answer: str, responses: list[str], k: int) -> tuple[Vote, dict]:
     swapped = k % 2 == 1
     shown = (responses[1], responses[0]) if swapped else (responses[0], responses[1])
@@ -63,7 +71,7 @@ async def _vote(client: JudgeClient, prompts: JudgePrompts, settings: JudgeSetti
     want_top = client.supports_scoring is False
     attempts = []
     for attempt in range(settings.max_parse_retries + 1):
-        params = {"max_tokens": settings.max_tokens, "seed": settings.seed * 1000 + 10 * k + attempt,
+        params = {"max_tokens": settings.max_tokens, "seed": request_seed(messages, settings.seed, attempt),
                   "temperature": settings.temperature if attempt == 0 else settings.retry_temperature}
         if want_top:
             params |= {"logprobs": True, "top_logprobs": settings.top_logprobs}
@@ -97,19 +105,21 @@ async def _vote(client: JudgeClient, prompts: JudgePrompts, settings: JudgeSetti
     return vote, record
 
 
-async def judge_pair(client: JudgeClient, prompts: JudgePrompts, settings: JudgeSettings,
+async def judge_pair(client: OpenAIClient, prompts: JudgePrompts, settings: JudgeSettings,
                      message: list[dict], responses: list[str]) -> dict:
     """All the judge says about one pair: its own answer, every vote, and the aggregate."""
     reference = await client.chat(
         prompts.self_reference_messages(message),
-        max_tokens=settings.reference_max_tokens, temperature=settings.temperature, seed=settings.seed,
+        max_tokens=settings.reference_max_tokens, temperature=settings.temperature,
+        seed=request_seed(message, settings.seed, 0),
     )
     own_answer = reference["message"]["content"]
     if not own_answer.strip():
         own_answer = "(no answer)"
-    results = await asyncio.gather(*[
-        _vote(client, prompts, settings, message, own_answer, responses, k) for k in range(settings.num_votes)
-    ])
+    # one vote after the other: the server then sees the same request alone whichever order the
+    # pair came in (with --concurrency 1 labels are reproducible), and pairs in flight keep it busy
+    results = [await _vote(client, prompts, settings, message, own_answer, responses, k)
+               for k in range(settings.num_votes)]
     votes = [v for v, _ in results]
     preference = aggregate_votes(votes, settings.min_agreement)
     return {"own_answer": own_answer, "votes": [r for _, r in results], "preference": preference}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from pathlib import Path
 
 from rlhf_data import load_rows
 from rlhf_data.schema import validate_response_pair
-from self_ref.client import JudgeClient, JudgeRequestError
+from self_ref.client import OpenAIClient, RequestFailed
+from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from self_ref.judge import JudgeSettings, judge_pair, preference_row
 from self_ref.prompts import JudgePrompts
 from training.cli import run_cli
@@ -50,7 +50,7 @@ class LabelConfig:
     message_key: str = "message"
     responses_key: str = "responses"
     num_votes: int = field(default=2, metadata={"help": "judgements per pair, orders alternating (even: balanced)"})
-    min_agreement: float = field(default=0.5, metadata={"help": "reject pairs whose votes agree less than this"})
+    min_agreement: float = field(default=0.75, metadata={"help": "reject pairs whose votes agree less than this (2 votes: both orders must agree; 4: 3 of 4)"})
     temperature: float = 0.0
     max_tokens: int = field(default=512, metadata={"help": "max tokens of a judgement"})
     reference_max_tokens: int = field(default=512, metadata={"help": "max tokens of the judge's own answer"})
@@ -69,38 +69,6 @@ class LabelConfig:
             raise ConfigError("--num_votes must be >= 1")
 
 
-def read_done_ids(path: Path) -> set[str]:
-    """Ids already written; drops a partial last line (a kill mid-write) so appends stay valid."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
-    ids = set()
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
-            ids.add(json.loads(line)["id"])
-    return ids
-
-
-class AppendOnlyJsonl:
-    """One ``write`` per row and a flush + fsync, so a row is either whole on disk or absent."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, row: dict) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-
 async def label_all(cfg: LabelConfig, items: list[dict], out: AppendOnlyJsonl, rejects: AppendOnlyJsonl) -> dict:
     prompts = JudgePrompts.load(cfg.prompts)
     settings = JudgeSettings(
@@ -114,14 +82,14 @@ async def label_all(cfg: LabelConfig, items: list[dict], out: AppendOnlyJsonl, r
     bar = progress_bar(len(items), "label", unit="pair")
     pending = asyncio.Semaphore(cfg.concurrency)
 
-    async with JudgeClient(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout,
+    async with OpenAIClient(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout,
                            max_retries=cfg.max_retries, concurrency=cfg.concurrency, seed=cfg.seed) as client:
 
         async def one(item):
             async with pending:
                 try:
                     judged = await judge_pair(client, prompts, settings, item["message"], item["responses"])
-                except JudgeRequestError as e:
+                except RequestFailed:
                     counts["failed"] += 1
                     bar.update(1)
                     return
