@@ -107,9 +107,13 @@ class OpenAIClient:
         return min(self.servers, key=lambda s: s.down_until)
 
     def _bench(self, server: _Server, why: str) -> None:
+        """Skip a failing server for a cool-down, if another one is up to take its requests
+        (with a single server, benching would only add idle time to the retry backoff)."""
         server.failures += 1
-        server.down_until = time.monotonic() + self.cooldown
-        logger.warning("judge server %s benched for %.0fs: %s", server.base_url, self.cooldown, why)
+        now = time.monotonic()
+        if any(s is not server and s.down_until <= now for s in self.servers):
+            server.down_until = now + self.cooldown
+            logger.warning("judge server %s benched for %.0fs: %s", server.base_url, self.cooldown, why)
 
     async def post(self, path: str, payload: dict) -> dict:
         """POST ``payload`` (with ``model`` filled in) to one of the servers, retrying; the
