@@ -446,10 +446,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    _result: dict = {}
-
-    def _main() -> None:
-        _result.update(main())
-
-    run_cli(_main)
-    raise SystemExit(3 if _result.get("failed") else 0)
+    # exit status 3: some items failed for good; a rerun of the same command retries them
+    raise SystemExit(3 if run_cli(main)["failed"] else 0)

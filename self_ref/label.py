@@ -154,11 +154,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    result = None
-
-    def _main():
-        global result
-        result = main()
-
-    run_cli(_main)
-    raise SystemExit(3 if result and result["failed"] else 0)
+    # exit status 3: some items failed for good; a rerun of the same command retries them
+    raise SystemExit(3 if run_cli(main)["failed"] else 0)
