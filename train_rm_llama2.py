@@ -15,8 +15,7 @@ run resume where it stopped with the same command.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,22 +25,19 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from models.distributed import init_distributed
-from models.fsdp import save_hf_pretrained, shard_model
+from models.fsdp import shard_model
 from models.value_model import RewardModel
 from rlhf_data import PreferenceKeys, validate_preference
 from rlhf_data.collate import collate_pairs
 from rlhf_data.mixing import train_eval_rows
 from rlhf_data.tokenize import tokenize_preference
-from training.batches import EpochSampler, split_global_batch
-from training.checkpoint import resume_position, save_checkpoint
+from training.batches import split_global_batch
 from training.cli import run_cli
 from training.config import (
     CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, parse_config,
 )
-from training.metrics_logger import MetricsLogger
-from training.optim import build_optimizer, build_scheduler
-from training.progress import progress_bar
-from training.step import global_means, train_step
+from training.run import TrainingRun
+from training.step import train_step
 from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
 
 
@@ -148,89 +144,41 @@ def main(argv: list[str] | None = None) -> dict:
     shard_model(model, zero_stage=cfg.zero_stage, device=env.device, bf16=cfg.bf16,
                 gradient_checkpointing=cfg.gradient_checkpointing, hf_model=model.model)
     model.train()
-    sampler = EpochSampler(len(train_pairs), cfg.train_batch_size, cfg.seed)
-    total_steps = sampler.steps_per_epoch * cfg.max_epochs
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.l2)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.lr_warmup_ratio)
+    run = TrainingRun(cfg, env, model, model.model, tokenizer, num_samples=len(train_pairs), name="rm", log=log)
     token_budget = cfg.packing_max_tokens or 2 * cfg.micro_train_batch_size * cfg.max_len
     pad_id = tokenizer.pad_token_id
-
-    # ---- resume
-    resumed = resume_position(cfg.ckpt_path, model, optimizer, scheduler, log)
-    step, epoch, in_epoch = resumed or (0, 0, 0)
-    position = (epoch, in_epoch)  # of the next global batch
-    logger = MetricsLogger(
-        cfg.logging_path, enabled=env.is_main, use_wandb=cfg.use_wandb, use_tensorboard=cfg.use_tensorboard,
-        wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
-        resume_step=step if resumed else None,
-    )
-
-    def save(position: tuple[int, int]):
-        if cfg.save_path:
-            save_hf_pretrained(model.model, cfg.save_path, tokenizer)
-        if cfg.ckpt_path:
-            save_checkpoint(cfg.ckpt_path, step, model, optimizer, scheduler,
-                            {"epoch": position[0], "step_in_epoch": position[1]}, keep=cfg.max_ckpt_num)
+    lengths = [p.num_tokens for p in train_pairs]
 
     # ---- train
-    bar = progress_bar(total_steps, "rm", env.is_main, initial=step, unit="step")
-    t_last, real_since, processed_since = time.perf_counter(), 0, 0
-    for epoch, indices, position in sampler.batches_from(position, cfg.max_epochs, total_steps - step):
-        pairs = [train_pairs[i] for i in indices]
-        real_since += sum(p.num_tokens for p in pairs)
-        n_lm = sum(scored_response_tokens(p) for p in pairs)
-        plan = split_global_batch(
-            indices, [p.num_tokens for p in train_pairs], env.world_size,
-            micro_batch_size=None if cfg.packing_samples else cfg.micro_train_batch_size,
-            token_budget=token_budget if cfg.packing_samples else None,
-        )[env.rank]
+    for epoch, indices in run.global_batches():
+        n_lm = sum(scored_response_tokens(train_pairs[i]) for i in indices)
 
         def micro_loss(micro):
             pb = collate_pairs([train_pairs[i] for i in micro], cfg.packing_samples, pad_id).to(env.device)
             loss, stats = pair_loss(model, pb, cfg, len(indices), n_lm, env.world_size)
             return loss, stats, pb.batch.num_tokens
 
-        totals, grad_norm, processed = train_step(model, plan, micro_loss, optimizer, scheduler, cfg.max_norm)
-        processed_since += processed
-        step += 1
-        bar.update(1)
-
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            metrics = global_means(totals, len(indices), env.world_size)
-            now = time.perf_counter()
-            metrics |= {
-                "loss": metrics["rm_loss"] + cfg.lm_loss_coef * metrics.get("lm_loss", 0.0),
-                "grad_norm": grad_norm,
-                "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                "tokens_per_s": real_since / (now - t_last),  # real tokens, all ranks
-                "processed_tokens_per_s": processed_since * env.world_size / (now - t_last),  # + padding
-            }
-            t_last, real_since, processed_since = now, 0, 0
-            logger.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
-        if eval_pairs and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < total_steps:
-            eval_metrics, _ = evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)
-            logger.log(step, eval_metrics)
-        if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
-            save(position)
-    bar.close()
+        plan = run.plan(indices, lengths, token_budget)
+        totals, grad_norm, processed = train_step(model, plan, micro_loss, run.optimizer, run.scheduler, cfg.max_norm)
+        run.step_done(totals, len(indices), grad_norm, epoch, sum(lengths[i] for i in indices), processed,
+                      derive=lambda m: {"loss": m["rm_loss"] + cfg.lm_loss_coef * m.get("lm_loss", 0.0)})
+        if eval_pairs and run.every(cfg.eval_steps):
+            run.logger.log(run.step, evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)[0])
+        if run.every(cfg.save_steps):
+            run.save()
 
     # ---- final evaluation and save
-    result = {"steps": step}
+    result = {"steps": run.step}
     if eval_pairs:
         eval_metrics, rewards = evaluate(model, eval_pairs, cfg, env, pad_id, token_budget)
-        logger.log(step, eval_metrics)
+        run.logger.log(run.step, eval_metrics)
         result |= eval_metrics
         if env.is_main and cfg.logging_path:
             Path(cfg.logging_path, "eval_rewards.json").write_text(json.dumps(rewards))
         log("[eval] " + "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-    save(position)
+    run.finish()
     if cfg.save_path:
         log(f"[save] reward model -> {cfg.save_path}")
-    logger.close()
-    dist.destroy_process_group()
     return result
 
 

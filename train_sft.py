@@ -12,31 +12,26 @@ plain ``AutoModelForCausalLM`` folder: the policy that reward modelling and RL s
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from models.actor import Actor
 from models.distributed import all_reduce_mean, init_distributed
-from models.fsdp import save_hf_pretrained, shard_model
+from models.fsdp import shard_model
 from rlhf_data import validate_conversation
 from rlhf_data.collate import layout_mask, make_batch
 from rlhf_data.mixing import train_eval_rows
 from rlhf_data.tokenize import tokenize_conversation
-from training.batches import EpochSampler, split_global_batch
-from training.checkpoint import resume_position, save_checkpoint
+from training.batches import split_global_batch
 from training.cli import run_cli
 from training.config import (
     CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, parse_config,
 )
-from training.metrics_logger import MetricsLogger
-from training.optim import build_optimizer, build_scheduler
-from training.progress import progress_bar
-from training.step import global_means, train_step
+from training.run import TrainingRun
+from training.step import train_step
 
 
 @dataclass
@@ -106,79 +101,38 @@ def main(argv: list[str] | None = None) -> dict:
     shard_model(model, zero_stage=cfg.zero_stage, device=env.device, bf16=cfg.bf16,
                 gradient_checkpointing=cfg.gradient_checkpointing, hf_model=model.model)
     model.train()
-    sampler = EpochSampler(len(train_convs), cfg.train_batch_size, cfg.seed)
-    total_steps = sampler.steps_per_epoch * cfg.max_epochs
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.l2)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.lr_warmup_ratio)
+    run = TrainingRun(cfg, env, model, model.model, tokenizer, num_samples=len(train_convs), name="sft", log=log)
     token_budget = cfg.packing_max_tokens or cfg.micro_train_batch_size * cfg.max_len
     pad_id = tokenizer.pad_token_id
-
-    # ---- resume
-    resumed = resume_position(cfg.ckpt_path, model, optimizer, scheduler, log)
-    step, epoch, in_epoch = resumed or (0, 0, 0)
-    position = (epoch, in_epoch)  # of the next global batch
-    logger = MetricsLogger(
-        cfg.logging_path, enabled=env.is_main, use_wandb=cfg.use_wandb, use_tensorboard=cfg.use_tensorboard,
-        wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
-        resume_step=step if resumed else None,
-    )
-
-    def save(position: tuple[int, int]):
-        if cfg.save_path:
-            save_hf_pretrained(model.model, cfg.save_path, tokenizer)
-        if cfg.ckpt_path:
-            save_checkpoint(cfg.ckpt_path, step, model, optimizer, scheduler,
-                            {"epoch": position[0], "step_in_epoch": position[1]}, keep=cfg.max_ckpt_num)
+    lengths = [len(c.input_ids) for c in train_convs]
 
     # ---- train
-    bar = progress_bar(total_steps, "sft", env.is_main, initial=step, unit="step")
-    t_last, real_since = time.perf_counter(), 0
-    for epoch, indices, position in sampler.batches_from(position, cfg.max_epochs, total_steps - step):
+    for epoch, indices in run.global_batches():
         n_tokens = max(sum(trained_tokens(train_convs[i].loss_mask) for i in indices), 1)
-        real_since += sum(len(train_convs[i].input_ids) for i in indices)
-        plan = split_global_batch(
-            indices, [len(c.input_ids) for c in train_convs], env.world_size,
-            micro_batch_size=None if cfg.packing_samples else cfg.micro_train_batch_size,
-            token_budget=token_budget if cfg.packing_samples else None,
-        )[env.rank]
 
         def micro_loss(micro):
             batch, mask = micro_batch(train_convs, micro, cfg.packing_samples, pad_id, env.device)
             nll = -(model(batch, token_mask=mask).log_probs * mask).sum()
-            # this micro-batch's share of the global token mean; stat sums to it over the batch
+            # this micro-batch's share of the global token mean; the stat sums to it over the batch
             return nll * (env.world_size / n_tokens), {"loss": nll.detach() * (len(indices) / n_tokens)}, batch.num_tokens
 
-        totals, grad_norm, _ = train_step(model, plan, micro_loss, optimizer, scheduler, cfg.max_norm)
-        step += 1
-        bar.update(1)
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            now = time.perf_counter()
-            metrics = global_means(totals, len(indices), env.world_size) | {
-                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                "tokens_per_s": real_since / (now - t_last),
-            }
-            t_last, real_since = now, 0
-            logger.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if eval_convs and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step < total_steps:
-            logger.log(step, evaluate(model, eval_convs, cfg, env, pad_id, token_budget))
-        if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
-            save(position)
-    bar.close()
+        plan = run.plan(indices, lengths, token_budget)
+        totals, grad_norm, processed = train_step(model, plan, micro_loss, run.optimizer, run.scheduler, cfg.max_norm)
+        run.step_done(totals, len(indices), grad_norm, epoch, sum(lengths[i] for i in indices), processed)
+        if eval_convs and run.every(cfg.eval_steps):
+            run.logger.log(run.step, evaluate(model, eval_convs, cfg, env, pad_id, token_budget))
+        if run.every(cfg.save_steps):
+            run.save()
 
-    result = {"steps": step}
+    result = {"steps": run.step}
     if eval_convs:
         eval_metrics = evaluate(model, eval_convs, cfg, env, pad_id, token_budget)
-        logger.log(step, eval_metrics)
+        run.logger.log(run.step, eval_metrics)
         result |= eval_metrics
         log(f"[eval] eval_loss={result['eval_loss']:.4f} eval_ppl={result['eval_ppl']:.2f}")
-    save(position)
+    run.finish()
     if cfg.save_path:
         log(f"[save] policy -> {cfg.save_path}")
-    logger.close()
-    dist.destroy_process_group()
     return result
 
 
