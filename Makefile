@@ -1,11 +1,18 @@
-# `make test` installs (once; install.sh keeps a stamp) and runs the test suite.
+# `make demo` installs (once; install.sh keeps a stamp) and runs the main job on the embedded tiny
+# model; `make test` installs and runs the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_ARGS ?=
 
-.PHONY: install test bench tiny clean
+.PHONY: install demo test bench tiny clean
 
 install:
 	bash install.sh
+
+# SFT -> pairs -> self-reference labels -> RM -> ReMax into out/demo; reruns skip finished stages.
+# e.g. make demo DEMO_ARGS="--algo ppo --force rl"
+demo: install
+	$(PY) demo.py $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

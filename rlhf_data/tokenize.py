@@ -40,6 +40,15 @@ def render_chat(tokenizer, message: list[dict], response: str | None = None) -> 
     return prompt, full[len(prompt):]
 
 
+def render_prompt_ids(tokenizer, message: list[dict]) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the generation prompt (the assistant
+    turn's opening), as a sampler is given it."""
+    ids = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def tokenize_prompt_response(
     tokenizer, message: list[dict], response: str, max_len: int, source: str = "", row: int = 0
 ) -> TokenizedSample:

@@ -52,6 +52,7 @@ from typing import Any
 from self_ref.client import OpenAIClient, RequestFailed
 from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from rlhf_data import load_rows, validate_prompt
+from rlhf_data.tokenize import render_prompt_ids
 from training.cli import run_cli
 from training.config import ConfigError, parse_config
 from training.progress import progress_bar
@@ -195,13 +196,6 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
-
-
-def render_prompt_ids(tokenizer, message: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def load_tokenizer(name: str):

@@ -42,42 +42,69 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_model_state(folder, model, optimizer, scheduler) -> None:
+    """One model's resumable state into ``folder``: sharded model + optimizer, the scheduler and
+    this rank's RNG. Collective over the model's ranks."""
+    folder = Path(folder)
+    save_sharded(folder, model, [optimizer] if optimizer is not None else [])
+    torch.save(rng_state(), folder / f"rng_rank{_rank()}.pt")
+    if is_main_process() and scheduler is not None:
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    barrier()
+
+
+def load_model_state(folder, model, optimizer, scheduler) -> None:
+    """Restore what ``save_model_state`` wrote (RNG only when this rank's file exists: it does
+    not when resuming at another world size, and the RNG then restarts)."""
+    folder = Path(folder)
+    load_sharded(folder, model, [optimizer] if optimizer is not None else [])
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    rng_file = folder / f"rng_rank{_rank()}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def mark_latest(root, folder: Path, keep: int) -> None:
+    """Name ``folder`` the newest complete checkpoint (atomically), then drop all but the
+    ``keep`` newest. Called by one process once everything in ``folder`` is written."""
+    root = Path(root)
+    tmp = root / "latest.tmp"
+    tmp.write_text(folder.name)
+    os.replace(tmp, root / "latest")
+    prefix = folder.name.rsplit("_", 1)[0]
+    old = sorted(p for p in root.glob(f"{prefix}_*") if p.is_dir() and p != folder and not p.name.endswith(".tmp"))
+    for p in old[: max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(ckpt_path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = Path(ckpt_path)
     folder = root / f"step_{step:06d}"
-    save_sharded(folder, model, [optimizer])
-    torch.save(rng_state(), folder / f"rng_rank{_rank()}.pt")
+    save_model_state(folder, model, optimizer, scheduler)
     if is_main_process():
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         (folder / "trainer_state.json").write_text(json.dumps(trainer_state | {"step": step}, indent=2))
     barrier()
     if is_main_process():
-        tmp = root / "latest.tmp"
-        tmp.write_text(folder.name)
-        os.replace(tmp, root / "latest")
-        old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != folder and not p.name.endswith(".tmp"))
-        for p in old[: max(len(old) - (keep - 1), 0)]:
-            shutil.rmtree(p, ignore_errors=True)
+        mark_latest(root, folder, keep)
     barrier()
     return folder
 
 
-def latest_checkpoint(ckpt_path) -> Path | None:
+def latest_checkpoint(ckpt_path, state_file: str = "trainer_state.json") -> Path | None:
+    """The newest complete checkpoint folder (the one ``latest`` names, if its ``state_file``,
+    written last, exists), or None."""
     marker = Path(ckpt_path or "", "latest")
     if not ckpt_path or not marker.exists():
         return None
     folder = marker.parent / marker.read_text().strip()
-    return folder if (folder / "trainer_state.json").exists() else None
+    return folder if (folder / state_file).exists() else None
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer state (with ``step``)."""
-    load_sharded(folder, model, [optimizer])
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    rng_file = folder / f"rng_rank{_rank()}.pt"
-    if rng_file.exists():  # absent when resuming at another world size: RNG then restarts
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    load_model_state(folder, model, optimizer, scheduler)
     return json.loads((folder / "trainer_state.json").read_text())
 
 

@@ -1,0 +1,558 @@
+"""The main job, end to end on the embedded tiny model: ``make demo`` (or ``python demo.py``).
+
+    python demo.py                        # all stages into out/demo (ReMax)
+    python demo.py --algo ppo             # PPO with GAE instead
+    python demo.py --until rm             # stop after the reward model
+    python demo.py --force rm,rl          # redo these stages (and every later one); --force all
+
+Stages, each one plain command printed before it runs (copy it to re-run or swap a stage):
+
+    tiny      python -m models.tiny OUT/tiny                       random tiny Llama + tokenizer
+    sft       python train_sft.py ...                               SFT on the shipped chat corpus
+    generate  python -m self_ref.generate ...                       two responses per prompt (vLLM)
+    label     vLLM judge server + python -m self_ref.label ...      self-reference preferences
+    rm        torchrun --standalone --nproc_per_node 2 train_rm_llama2.py ...   reward model
+    rl        python fsdp_ppo_ray.py ...                            ReMax or PPO on Ray
+
+Prompts: ``models/assets/tiny_prompts.jsonl`` (96 rows, ``message``: the first user turn, with
+its system turn, of every third conversation of the shipped corpus). Each stage's full output is
+in ``OUT/logs/STAGE.log``; the terminal shows a short view (the commands' ``[tag]`` lines and
+progress bars). Commands run from the repository root with this interpreter, each in its own
+process group, which is killed (and the judge server stopped) on success, failure and Ctrl-C.
+
+Re-running skips finished stages. ``OUT/stages/STAGE.json`` marks a stage done with the command
+that made it and the run ids of the stages before it: a stage runs again when its command
+changed, an output is missing, an earlier stage was redone, or ``--force`` names it. A fresh run
+of a stage deletes its old outputs first; generate and label, interrupted, resume where they
+stopped (their outputs are append-only and keyed by row id).
+
+The tiny judge is a random model: its labels, and so the reward model and the RL reward, carry no
+meaning here. The demo shows that every stage works, and how they connect, not alignment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from self_ref.server import HOST, VLLMServer
+from training.cli import run_cli
+from training.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parent
+STAGE_NAMES = ("tiny", "sft", "generate", "label", "rm", "rl")
+RL_CONFIGS = {"remax": "configs/remax_tiny.yaml", "ppo": "configs/ppo_tiny.yaml"}
+
+
+@dataclass
+class DemoConfig:
+    """Run the whole pipeline (SFT -> pairs -> self-reference labels -> RM -> RL) on the tiny model."""
+
+    out: str = field(default="out/demo", metadata={"help": "folder for every artefact, log and stage marker"})
+    algo: str = field(default="remax", metadata={"help": "RL algorithm: remax or ppo"})
+    until: str = field(default="rl", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)}"})
+    force: str = field(default="", metadata={"help": "stages to redo even if done: 'all' or comma-separated names (later stages follow)"})
+    prompts: str = field(default=str(ROOT / "models" / "assets" / "tiny_prompts.jsonl"),
+                         metadata={"help": "prompts jsonl (key message) for generation and RL"})
+    judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1"})
+
+    def __post_init__(self):
+        if self.algo not in RL_CONFIGS:
+            raise ConfigError(f"--algo must be one of {', '.join(RL_CONFIGS)}, got {self.algo!r}")
+        if self.until not in STAGE_NAMES:
+            raise ConfigError(f"--until must be one of {', '.join(STAGE_NAMES)}, got {self.until!r}")
+        parse_stage_list(self.force)  # fails early, naming the bad stage
+        if not Path(self.prompts).is_file():
+            raise ConfigError(f"--prompts {self.prompts}: no such file")
+
+
+def from_root(path: str | Path) -> Path:
+    """A path given relative to the caller's folder, as seen from the repository root (where every
+    command runs): relative when it lies inside the repository, so printed commands stay short."""
+    resolved = Path(path).resolve()
+    return Path(os.path.relpath(resolved, ROOT)) if resolved.is_relative_to(ROOT) else resolved
+
+
+def parse_stage_list(text: str) -> set[str]:
+    """``--force`` value -> stage names: '' (none), 'all', or comma-separated names."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if names == {"all"}:
+        return set(STAGE_NAMES)
+    unknown = sorted(names - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages are "
+                          f"{', '.join(STAGE_NAMES)} (or all)")
+    return names
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    command: list[str]
+    outputs: list[Path]  # deleted before a fresh run; all must exist for the stage to count as done
+    resumable: bool = False  # an interrupted attempt of the same command keeps its partial outputs
+    requires: list[Path] = field(default_factory=list)  # files the command needs that a checkout may lack
+    server: VLLMServer | None = None  # started before the command, stopped after it
+
+
+def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
+    py = sys.executable
+    tiny, sft, rm, policy = out / "tiny", out / "sft", out / "rm", out / "policy"
+    pairs, prefs = out / "pairs.jsonl", out / "prefs.jsonl"
+    logs = out / "logs"
+    judge = VLLMServer(sft, port=cfg.judge_port, served_model_name="judge", log_path=logs / "judge_server.log")
+    rl_config = RL_CONFIGS[cfg.algo]
+    return [
+        Stage("tiny", "build the tiny base model and tokenizer", [py, "-m", "models.tiny", str(tiny)], [tiny]),
+        Stage("sft", "supervised fine-tuning on the shipped chat corpus",
+              [py, "train_sft.py", "--config", "configs/sft_tiny.yaml", "--pretrain", str(tiny),
+               "--dataset", "models/assets/tiny_chat_corpus.jsonl", "--save_path", str(sft),
+               "--logging_path", str(logs / "sft")],
+              [sft, logs / "sft"]),
+        Stage("generate", "two sampled responses per prompt (vLLM)",
+              [py, "-m", "self_ref.generate", "--config", "configs/generate_tiny.yaml", "--pretrain", str(sft),
+               "--input", cfg.prompts, "--output", str(pairs)],
+              [pairs], resumable=True),
+        # Two votes per pair (A/B, then B/A). --min_agreement 0.5 keeps pairs whose two orders
+        # disagree: a random judge is position-biased, so the default 0.75 would reject nearly all
+        # of them and leave the RM nothing to train on. Short judgements keep the stage ~30 s; the
+        # verdict probabilities are scored exactly whatever the text says.
+        Stage("label", "self-reference labels from a judge server",
+              [py, "-m", "self_ref.label", "--input", str(pairs), "--output", str(prefs),
+               "--base_url", judge.base_url, "--model", judge.model, "--num_votes", "2", "--min_agreement", "0.5",
+               "--max_tokens", "48", "--reference_max_tokens", "48", "--concurrency", "16"],
+              [prefs, prefs.with_suffix(".rejects.jsonl")], resumable=True, server=judge),
+        # --eval_split 0.25: 24 of the 96 pairs, an even number; the eval of train_rm_llama2.py
+        # currently needs the eval set to divide by the process count.
+        Stage("rm", "reward model: FSDP on 2 processes, sample packing",
+              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_rm_llama2.py",
+               "--config", "configs/rm_tiny.yaml", "--pretrain", str(sft), "--dataset", str(prefs),
+               "--save_path", str(rm), "--logging_path", str(logs / "rm"), "--packing_samples", "--eval_split", "0.25"],
+              [rm, logs / "rm"]),
+        Stage("rl", f"{cfg.algo} on Ray: actor, reference, reward{', critic' if cfg.algo == 'ppo' else ''}, vLLM engines",
+              [py, "fsdp_ppo_ray.py", "--config", rl_config, "--pretrain", str(sft), "--reward_pretrain", str(rm),
+               "--prompt_data", cfg.prompts, "--input_key", "message", "--save_path", str(policy),
+               "--logging_path", str(logs / "rl"), "--ckpt_path", str(out / "ckpt" / "rl"),
+               *(["--advantage_estimator", "gae"] if cfg.algo == "ppo" else [])],
+              [policy, logs / "rl", out / "ckpt" / "rl"],
+              requires=[ROOT / "fsdp_ppo_ray.py", ROOT / rl_config]),
+    ]
+
+
+# --- completeness markers -------------------------------------------------------------------
+
+
+def marker_path(out: Path, name: str) -> Path:
+    return out / "stages" / f"{name}.json"
+
+
+def read_marker(out: Path, name: str) -> dict | None:
+    path = marker_path(out, name)
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except ValueError:
+        return None  # a marker cut short by a crash proves nothing: the stage runs again
+    return marker if isinstance(marker, dict) else None
+
+
+def write_marker(out: Path, name: str, marker: dict) -> None:
+    path = marker_path(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(marker, indent=2))
+    tmp.replace(path)  # atomic: a reader sees the old marker or the new one, never half of one
+
+
+def fingerprint(stage: Stage, upstream_run_ids: dict[str, str]) -> dict:
+    """What a stage's outputs depend on: its command (and its server's), and which runs of the
+    earlier stages it read."""
+    return {"command": stage.command, "server": stage.server.command() if stage.server else None,
+            "after": upstream_run_ids}
+
+
+def stage_state(stage: Stage, marker: dict | None, fp: dict, forced: bool) -> str:
+    """'done' (skip it), 'resume' (rerun, keeping partial outputs) or 'fresh' (delete outputs, rerun)."""
+    same = marker is not None and marker.get("fingerprint") == fp
+    if same and not forced and marker.get("status") == "done" and all(p.exists() for p in stage.outputs):
+        return "done"
+    if same and not forced and marker.get("status") == "running" and stage.resumable:
+        return "resume"
+    return "fresh"
+
+
+def remove_outputs(stage: Stage) -> None:
+    for path in stage.outputs:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+# --- running commands -----------------------------------------------------------------------
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: Stage, reason: str, log: Path | None):
+        super().__init__(reason)
+        self.stage, self.reason, self.log = stage, reason, log
+
+
+BAR = re.compile(r"\d+%\|")  # tqdm: "sft:  56%|█████▌    | 30/54 [...]"
+QUIET_BARS = ("Loading weights", "Writing model shards", "Loading safetensors checkpoint shards")  # loads/saves
+TAGGED = re.compile(r"^\[([a-z_]+)\]( |$)")  # the project's "[data] ...", "[eval] ...", "[label] ..."
+QUIET_TAGS = ("transformers",)  # load reports
+UNTAGGED_SHOWN = re.compile(r"^(error:|wrote )")
+
+
+class ProgressView:
+    """A short view of a command's output for the terminal: its ``[tag]`` lines and errors, and its
+    progress bars (redrawn in place on a terminal, every ``bar_interval`` seconds otherwise; each
+    bar's last state stays as a line)."""
+
+    def __init__(self, stream=None, bar_interval: float = 15.0):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.bar_interval = bar_interval
+        self.bar: str | None = None  # the latest state of the current bar, not yet a line
+        self.bar_desc: str | None = None
+        self._bar_printed_at = 0.0
+        self._bar_on_screen = False
+
+    def _clip(self, text: str) -> str:
+        width = shutil.get_terminal_size((160, 20)).columns - 1 if self.tty else 200
+        text = "    " + text
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    def _line(self, text: str) -> None:
+        self._clear_bar()
+        self.stream.write(self._clip(text) + "\n")
+
+    def _clear_bar(self) -> None:
+        if self._bar_on_screen:
+            self.stream.write("\r\033[K")
+            self._bar_on_screen = False
+
+    def _settle_bar(self) -> None:
+        if self.bar is not None:
+            self._line(self.bar)
+            self.bar = None
+
+    def segment(self, text: str) -> None:
+        """One piece of output between two line breaks or carriage returns."""
+        text = text.strip()
+        if BAR.search(text):
+            desc = text.split(":", 1)[0]
+            if desc.startswith(QUIET_BARS):
+                return
+            if desc != self.bar_desc:
+                self._settle_bar()  # a new bar: the previous one's last state stays as a line
+            self.bar, self.bar_desc = text, desc
+            if self.tty:
+                self.stream.write("\r\033[K" + self._clip(text))
+                self._bar_on_screen = True
+            elif time.monotonic() - self._bar_printed_at >= self.bar_interval:
+                self._line(text)
+                self.bar, self._bar_printed_at = None, time.monotonic()
+        else:
+            tag = TAGGED.match(text)
+            if (tag and tag.group(1) not in QUIET_TAGS) or UNTAGGED_SHOWN.match(text):
+                self._line(text)
+                if self.tty and self.bar is not None:  # redraw the bar below the new line
+                    self.stream.write(self._clip(self.bar))
+                    self._bar_on_screen = True
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._settle_bar()
+        self.stream.flush()
+
+
+@contextmanager
+def interrupts_deferred():
+    """A second Ctrl-C while a process group is being stopped would leave half of it running."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the command's group, SIGKILL it after a grace period; also kills what a finished
+    command left behind in its group (torchrun workers, an engine process, Ray's daemons)."""
+    with interrupts_deferred():
+        VLLMServer._stop_group(proc, grace=10.0)
+
+
+def run_command(command: list[str], log_path: Path, view: ProgressView, append: bool = False) -> int:
+    """Run ``command`` from the repository root in its own process group (so Ctrl-C reaches the
+    demo alone, which then stops the whole group): all output to ``log_path``, a short view to
+    the terminal. Returns the exit status."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # lines reach the log and the view as they are written
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab" if append else "wb") as log:
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            pending = b""
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                log.write(chunk)
+                log.flush()
+                *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+                for piece in pieces:
+                    view.segment(piece.decode("utf-8", errors="replace"))
+            view.segment(pending.decode("utf-8", errors="replace"))
+            return proc.wait()
+        finally:
+            stop_process_group(proc)
+            proc.stdout.close()
+            view.close()
+
+
+def log_tail(path: Path, lines: int = 25) -> list[str]:
+    """The last lines of a log, progress-bar redraws collapsed to their last state."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return [f"(no log at {path})"]
+    out: list[str] = []
+    for line in text.splitlines():
+        last = line.split("\r")[-1].strip() or line.strip()
+        if last:
+            out.append(last)
+    return out[-lines:]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_server(stage: Stage, view_stream) -> None:
+    server = stage.server
+    print(f"$ {shlex.join(server.command())} &", file=view_stream)
+    print(f"    log: {server.log_path}; waiting until it serves '{server.model}' "
+          "(about a minute on 2 CPU cores)", file=view_stream, flush=True)
+    if not port_is_free(server.port):
+        raise StageFailed(stage, f"port {server.port} on {HOST} is in use, so the judge server cannot start there; "
+                                 f"pass --judge_port with a free port", None)
+    server.log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as e:
+        raise StageFailed(stage, f"the judge server did not start: {str(e).splitlines()[0]}", server.log_path) from None
+    print(f"    judge server ready at {server.base_url} after {server.startup_seconds:.0f} s", file=view_stream, flush=True)
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # ran | resumed | skipped | not run
+    seconds: float | None  # of the run that made the outputs (also for skipped stages)
+    log: Path | None
+
+
+def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, stream=None) -> list[StageResult]:
+    """Run (or skip) ``stages`` in order up to ``until``; raises ``StageFailed`` on the first failure."""
+    stream = stream or sys.stdout
+    last = [s.name for s in stages].index(until)
+    results: list[StageResult] = []
+    run_ids: dict[str, str] = {}
+    for i, stage in enumerate(stages):
+        log = out / "logs" / f"{stage.name}.log"
+        if i > last:
+            results.append(StageResult(stage.name, "not run", None, None))
+            continue
+        fp = fingerprint(stage, dict(run_ids))
+        marker = read_marker(out, stage.name)
+        state = stage_state(stage, marker, fp, stage.name in force)
+        banner = f"[{i + 1}/{len(stages)}] {stage.name}: {stage.title}"
+        if state == "done":
+            print(f"\n=== {banner}: done earlier ({marker['seconds']:.1f} s), skipped "
+                  f"(--force {stage.name} redoes it)", file=stream, flush=True)
+            run_ids[stage.name] = marker["run_id"]
+            results.append(StageResult(stage.name, "skipped", marker["seconds"], log))
+            continue
+
+        print(f"\n=== {banner} " + "=" * max(3, 96 - len(banner)), file=stream)
+        missing = [str(p.relative_to(ROOT)) for p in stage.requires if not p.exists()]
+        if missing:
+            before = f"; `--until {stages[i - 1].name}` runs the stages before it" if i else ""
+            raise StageFailed(stage, f"{', '.join(missing)} not found in this checkout{before}", None)
+        if state == "fresh":
+            remove_outputs(stage)
+        else:
+            print("    resuming an interrupted run of the same command (its outputs are kept)", file=stream)
+        run_id = uuid.uuid4().hex
+        write_marker(out, stage.name, {"stage": stage.name, "status": "running", "run_id": run_id, "fingerprint": fp})
+        t0 = time.monotonic()
+        try:
+            if stage.server is not None:
+                start_server(stage, stream)
+            print(f"$ {shlex.join(stage.command)}", file=stream)
+            print(f"    log: {log}", file=stream, flush=True)
+            code = run_command(stage.command, log, ProgressView(stream), append=state == "resume")
+        finally:
+            if stage.server is not None:
+                with interrupts_deferred():
+                    stage.server.stop()
+        seconds = time.monotonic() - t0
+        if code != 0:
+            reason = f"exit status {code}"
+            if code == 3:  # self_ref.generate / self_ref.label: some rows failed for good, the rest are written
+                reason += " (some rows failed for good; rerun the demo: the stage resumes and retries just those)"
+            raise StageFailed(stage, reason, log)
+        write_marker(out, stage.name, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
+                                       "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        run_ids[stage.name] = run_id
+        print(f"    {stage.name} done in {seconds:.1f} s", file=stream, flush=True)
+        results.append(StageResult(stage.name, "resumed" if state == "resume" else "ran", seconds, log))
+    return results
+
+
+# --- the summary ----------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def label_facts(prefs: Path) -> list[tuple[str, str]]:
+    rejects = prefs.with_suffix(".rejects.jsonl")
+    kept = read_jsonl(prefs)
+    rejected = read_jsonl(rejects) if rejects.exists() else []
+    judged = kept + rejected
+    facts = [("pairs labelled", f"{len(kept)} kept, {len(rejected)} rejected -> {prefs}")]
+    if judged:
+        agreement = sum(r["agreement"] for r in judged) / len(judged)
+        unanimous = sum(r["agreement"] == 1.0 for r in judged)
+        facts.append(("judge agreement", f"{agreement:.2f} mean vote agreement; the orders A/B and B/A agreed on "
+                                         f"{unanimous} of {len(judged)} pairs"))
+        facts.append(("preference strength", f"{sum(r['strength'] for r in judged) / len(judged):.3f} mean "
+                                             "(0.5 = no preference, 1 = certain)"))
+    return facts
+
+
+def rm_facts(rm_logs: Path) -> list[tuple[str, str]]:
+    metrics = rm_logs / "metrics.jsonl"
+    if not metrics.exists():
+        return [("RM eval accuracy", f"missing: {metrics} does not exist")]
+    evals = [r for r in read_jsonl(metrics) if "eval_acc" in r]
+    if not evals:
+        return [("RM eval accuracy", f"missing: {metrics} has no row with 'eval_acc'")]
+    rewards = rm_logs / "eval_rewards.json"
+    n = f" on {len(json.loads(rewards.read_text()))} held-out pairs" if rewards.exists() else ""
+    return [("RM eval accuracy", f"{evals[-1]['eval_acc']:.3f}{n} (step {evals[-1]['step']})")]
+
+
+def rl_facts(rl_logs: Path) -> list[tuple[str, str]]:
+    metrics = rl_logs / "metrics.jsonl"
+    if not metrics.exists():
+        return [("reward before -> after RL", f"missing: {metrics} does not exist")]
+    rows = read_jsonl(metrics)
+    if not rows:
+        return [("reward before -> after RL", f"missing: {metrics} is empty")]
+    first, last = rows[0], rows[-1]
+    facts = []
+    if "eval_reward_mean" in first and "eval_reward_mean" in last:
+        facts.append(("reward before -> after RL", f"{first['eval_reward_mean']:.4f} -> {last['eval_reward_mean']:.4f} "
+                                                   f"(greedy, held-out prompts; step {first['step']} -> {last['step']})"))
+    else:
+        facts.append(("reward before -> after RL", f"missing: the first and last rows of {metrics} need 'eval_reward_mean'"))
+    if "reward_mean" in first and "reward_mean" in last:
+        facts.append(("rollout reward", f"{first['reward_mean']:.4f} -> {last['reward_mean']:.4f} (sampled)"))
+    facts.append(("KL to the reference", f"{last['kl']:.5f} (last step)" if "kl" in last
+                  else f"missing: the last row of {metrics} has no 'kl'"))
+    return facts
+
+
+def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_seconds: float) -> str:
+    artefacts = {"tiny": out / "tiny", "sft": out / "sft", "generate": out / "pairs.jsonl",
+                 "label": out / "prefs.jsonl", "rm": out / "rm", "rl": out / "policy"}
+    lines = ["", "=== summary " + "=" * 88, f"{'stage':<10}{'status':<10}{'seconds':>9}  artefact", "-" * 100]
+    for r in results:
+        seconds = f"{r.seconds:.1f}" if r.seconds is not None else "-"
+        lines.append(f"{r.name:<10}{r.status:<10}{seconds:>9}  {artefacts[r.name]}")
+    lines.append(f"{'total':<10}{'':<10}{total_seconds:>9.1f}  (this invocation; logs in {out / 'logs'})")
+    lines.append("-" * 100)
+    # Facts only of stages this invocation ran or found done: later ones may hold stale files.
+    covered = {r.name for r in results if r.status != "not run"}
+    facts = [("algorithm", cfg.algo)]
+    facts += label_facts(out / "prefs.jsonl") if "label" in covered else [("pairs labelled", "- (label not run)")]
+    facts += rm_facts(out / "logs" / "rm") if "rm" in covered else [("RM eval accuracy", "- (rm not run)")]
+    facts += rl_facts(out / "logs" / "rl") if "rl" in covered else [("reward before -> after RL", "- (rl not run)")]
+    width = max(len(k) for k, _ in facts) + 2
+    lines += [f"{k:<{width}}{v}" for k, v in facts]
+    lines += ["-" * 100,
+              "The judge is the 0.6M-parameter tiny model (random weights, seconds of SFT): its verdicts, and so",
+              "the preferences, the reward model and the RL reward, carry no meaning. This run shows that every",
+              "stage works and how they connect, not alignment; give the same commands real models for that."]
+    return "\n".join(lines)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: process groups stopped, judge server too
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DemoConfig, argv)
+    out = from_root(cfg.out)
+    cfg.prompts = str(from_root(cfg.prompts))
+    os.chdir(ROOT)
+    signal.signal(signal.SIGTERM, _terminate)
+    stages = build_stages(cfg, out)
+    print(f"demo: {' -> '.join(s.name for s in stages)} into {out} (commands run from {ROOT}; "
+          f"--until {cfg.until}, --algo {cfg.algo})")
+    t0 = time.monotonic()
+    try:
+        results = run_pipeline(stages, out, parse_stage_list(cfg.force), cfg.until)
+    except StageFailed as e:
+        print(f"\nerror: stage '{e.stage.name}' failed: {e.reason}", file=sys.stderr)
+        print(f"  command: {shlex.join(e.stage.command)}", file=sys.stderr)
+        if e.log is not None:
+            print(f"  log: {e.log} (last lines below)", file=sys.stderr)
+            for line in log_tail(e.log):
+                print(f"  | {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running command and the judge server were stopped; "
+              "rerun the same command to continue (finished stages are skipped)", file=sys.stderr)
+        return 130
+    print(summary_table(results, out, cfg, time.monotonic() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

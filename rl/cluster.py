@@ -1,0 +1,156 @@
+"""Starting Ray and placing the PPO / ReMax workers on it (``--*_num_nodes``, ``--*_num_gpus_per_node``,
+``--colocate_*``, ``--vllm_num_engines``). On a machine without GPUs every "GPU" is a CPU slot:
+the same placement code runs, bundles ask for CPUs only, the process groups use gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from rl.config import RLConfig
+from rl.worker_group import DevicePool, WorkerGroup
+from rl.workers import (
+    CriticWorker, ModelSpec, OptimSpec, PolicyWorker, RewardWorker, RolloutWorker, worker_env_vars,
+)
+
+
+@dataclass
+class RLWorkers:
+    actor: WorkerGroup
+    ref: WorkerGroup
+    critic: WorkerGroup | None
+    rewards: list[WorkerGroup]
+    engines: list  # Ray actor handles of RolloutWorker
+    pools: list[DevicePool] = field(default_factory=list)
+
+    def model_groups(self) -> dict[str, WorkerGroup]:
+        groups = {"actor": self.actor, "ref": self.ref}
+        if self.critic is not None:
+            groups["critic"] = self.critic
+        groups |= {f"reward{i}" if len(self.rewards) > 1 else "reward": g for i, g in enumerate(self.rewards)}
+        return groups
+
+    def shutdown(self) -> None:
+        import ray
+
+        for e in self.engines:
+            try:
+                ray.get(e.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 -- a dead engine must not stop the rest of the teardown
+                pass
+            ray.kill(e)
+        for g in self.model_groups().values():
+            g.kill()
+        for p in self.pools:
+            p.remove()
+
+
+def local_cpu_slots(cfg: RLConfig) -> int:
+    """Logical CPUs a local Ray needs to place every bundle (they are scheduling slots, not cores)."""
+    reward_pools = 0 if (cfg.colocate_critic_reward and cfg.uses_critic) else cfg.reward_num_nodes * cfg.reward_num_gpus_per_node
+    slots = (cfg.actor_world
+             + (0 if cfg.colocate_actor_ref else cfg.ref_num_nodes * cfg.ref_num_gpus_per_node)
+             + (cfg.critic_world if cfg.uses_critic else 0)
+             + reward_pools
+             + cfg.vllm_num_engines)
+    return slots + 1  # the driver's own tasks
+
+
+def start_ray(cfg: RLConfig, log=print) -> bool:
+    """Join ``--ray_address`` / ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a private
+    local Ray sized for the workers. Returns True when this process started Ray (and must stop it)."""
+    import ray
+
+    env = {"env_vars": worker_env_vars()}
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level="ERROR")
+        log(f"[ray] joined the cluster at {address}: {ray.cluster_resources()}")
+        return False
+    slots = local_cpu_slots(cfg)
+    ray.init(address="local", num_cpus=slots, include_dashboard=False, logging_level="ERROR", runtime_env=env)
+    log(f"[ray] started a local Ray with {slots} CPU slots")
+    return True
+
+
+def stop_ray(started_here: bool) -> None:
+    """Disconnect; a local Ray started here is stopped with its processes (``ray.shutdown`` kills
+    the head it launched; ``ray stop`` is not used: it would kill every Ray on the machine)."""
+    import ray
+
+    ray.shutdown()
+
+
+def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print) -> RLWorkers:
+    """Placement groups, then every worker group (models loaded and sharded), then the engines."""
+    import ray
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    threads = cfg.worker_threads
+    env = worker_env_vars()
+    pools: list[DevicePool] = []
+
+    def pool(name: str, nodes: int, per_node: int) -> DevicePool:
+        p = DevicePool.create(name, nodes, per_node, use_gpu)
+        pools.append(p)
+        return p
+
+    def spec(path: str, budget_micro: int) -> ModelSpec:
+        return ModelSpec(path=path, zero_stage=cfg.zero_stage, bf16=cfg.bf16, flash_attn=cfg.flash_attn,
+                         gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, torch_threads=threads,
+                         forward_token_budget=cfg.token_budget(budget_micro))
+
+    def optim(lr: float, steps: int, micro: int) -> OptimSpec:
+        return OptimSpec(learning_rate=lr, total_steps=steps, l2=cfg.l2, lr_warmup_ratio=cfg.lr_warmup_ratio,
+                         max_norm=cfg.max_norm, micro_batch_size=micro, packing_samples=cfg.packing_samples,
+                         train_token_budget=cfg.token_budget(micro))
+
+    def group(cls, p: DevicePool, name: str, share: float, **init) -> WorkerGroup:
+        g = WorkerGroup(cls, p, name=name, share=share, init_kwargs=init, env_vars=env)
+        info = g.call("setup")[0]
+        log(f"[workers] {name}: {len(g)} rank(s), {info['parameters'] / 1e6:.1f}M parameters")
+        return g
+
+    micro = cfg.micro_rollout_batch_size
+    actor_pool = pool("actor", cfg.actor_num_nodes, cfg.actor_num_gpus_per_node)
+    half = 0.5 if cfg.colocate_actor_ref else 1.0
+    actor = group(PolicyWorker, actor_pool, "actor", half, spec=spec(cfg.pretrain, micro),
+                  optim=optim(cfg.actor_learning_rate, actor_steps, cfg.actor_train_batch_size))
+    ref_pool = actor_pool if cfg.colocate_actor_ref else pool("ref", cfg.ref_num_nodes, cfg.ref_num_gpus_per_node)
+    ref = group(PolicyWorker, ref_pool, "ref", half, spec=spec(cfg.pretrain, micro), optim=None)
+
+    rm_paths = cfg.reward_paths()
+    critic = None
+    if cfg.uses_critic:
+        critic_pool = pool("critic", cfg.critic_num_nodes, cfg.critic_num_gpus_per_node)
+        colocated = cfg.colocate_critic_reward
+        critic = group(CriticWorker, critic_pool, "critic", 1.0 / (1 + len(rm_paths)) if colocated else 1.0,
+                       spec=spec(cfg.critic_pretrain or rm_paths[0], micro),
+                       optim=optim(cfg.critic_learning_rate, critic_steps, cfg.critic_train_batch_size))
+        reward_pool = critic_pool if colocated else None
+    else:
+        reward_pool = None
+    if reward_pool is None:
+        reward_pool = pool("reward", cfg.reward_num_nodes, cfg.reward_num_gpus_per_node)
+    share = 1.0 / (len(rm_paths) + (1 if critic is not None and reward_pool is critic.pool else 0))
+    rewards = [group(RewardWorker, reward_pool, f"reward{i}", share, spec=spec(p, micro))
+               for i, p in enumerate(rm_paths)]
+
+    engines = []
+    engine_kwargs = dict(prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, seed=cfg.seed)
+    if cfg.rollout_backend == "vllm":
+        engine_kwargs |= dict(tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                              cpu_kvcache_space_gb=cfg.vllm_cpu_kvcache_space_gb)
+        if cfg.vllm_tensor_parallel_size > 1:
+            engine_kwargs["distributed_executor_backend"] = "ray"  # vLLM places its own TP workers
+    remote = ray.remote(RolloutWorker)
+    for i in range(cfg.vllm_num_engines):
+        gpus = 1 if use_gpu and cfg.vllm_tensor_parallel_size == 1 else 0
+        engines.append(remote.options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": env}).remote(
+            cfg.rollout_backend, cfg.pretrain, torch_threads=threads, **engine_kwargs))
+    stats = ray.get([e.get_stats.remote() for e in engines], timeout=1800)
+    log(f"[workers] {len(engines)} {cfg.rollout_backend} engine(s), started in "
+        f"{max(s.get('start_seconds', 0.0) for s in stats):.1f} s")
+    return RLWorkers(actor, ref, critic, rewards, engines, pools)

@@ -1,0 +1,345 @@
+"""The Ray workers of PPO / ReMax. Each rank of a ``rl.worker_group.WorkerGroup`` is one of these
+objects; the group's ranks together hold one FSDP-sharded model (``models/``).
+
+PolicyWorker    the actor (trains) or, with ``trainable=False``, the frozen reference policy:
+                log-probs of response tokens; a policy-gradient update; the full state dict for
+                the rollout engines
+CriticWorker    per-token values; the clipped value-loss update (PPO only)
+RewardWorker    one scalar per sequence from a reward model
+RolloutWorker   a vLLM (or HF) engine: sampling, and taking the actor's new weights
+
+Every data-carrying call receives the *whole* batch (one Ray object shared by all ranks) and
+takes its share: all ranks compute the same balanced plan (``training.batches.split_global_batch``)
+and each runs its own micro-batches, the same number on every rank as FSDP requires. Results come
+back as ``{sample index: value}`` for the driver to merge (``rl.worker_group.merge_rank_results``).
+Micro-batches are always packed rows (no padding computed); ``--packing_samples`` chooses token-
+budget micro-batches over fixed sample counts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rl.worker_group import DistributedWorker
+
+
+@dataclass
+class ModelSpec:
+    """How a worker loads and shards its model (the same for every rank of a group)."""
+
+    path: str
+    zero_stage: int = 3
+    bf16: bool = False
+    flash_attn: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    torch_threads: int = 0  # 0: leave torch's default (CPU workers)
+    forward_token_budget: int = 8192  # tokens of a packed micro-batch in no-grad passes
+
+
+@dataclass
+class OptimSpec:
+    """How a trainable worker updates (the ``--actor_*`` / ``--critic_*`` flags)."""
+
+    learning_rate: float
+    total_steps: int
+    l2: float = 0.0
+    lr_warmup_ratio: float = 0.03
+    max_norm: float = 1.0
+    micro_batch_size: int = 4  # samples per micro-batch per rank (without packing)
+    packing_samples: bool = True
+    train_token_budget: int = 8192  # tokens of a packed micro-batch (with packing)
+
+
+class ModelWorker(DistributedWorker):
+    """Loading, sharding, planning and saving shared by the model-holding workers."""
+
+    def __init__(self, spec: ModelSpec, optim: OptimSpec | None = None):
+        super().__init__()
+        self.spec, self.optim_spec = spec, optim
+        if spec.torch_threads > 0:
+            torch.set_num_threads(spec.torch_threads)
+        self.model = self.optimizer = self.scheduler = None
+
+    # subclasses build their module here: (wrapper module, the HF model inside it)
+    def build(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        raise NotImplementedError
+
+    def setup(self) -> dict:
+        """Load, shard (FSDP2 over the group) and, if trainable, build optimizer + schedule."""
+        from models.fsdp import shard_model
+        from training.optim import build_optimizer, build_scheduler
+
+        spec = self.spec
+        torch.manual_seed(spec.seed)  # a fresh head gets the same init on every rank
+        self.model, self.hf_model = self.build()
+        self.hf_model.config.use_cache = False  # packed rows: the KV cache would merge samples
+        shard_model(self.model, zero_stage=spec.zero_stage, device=self.env.device, bf16=spec.bf16,
+                    gradient_checkpointing=spec.gradient_checkpointing and self.optim_spec is not None,
+                    hf_model=self.hf_model)
+        if self.optim_spec is None:
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        else:
+            o = self.optim_spec
+            self.model.train()
+            self.optimizer = build_optimizer(self.model, o.learning_rate, o.l2)
+            self.scheduler = build_scheduler(self.optimizer, o.total_steps, o.lr_warmup_ratio)
+        return {"parameters": sum(p.numel() for p in self.hf_model.parameters()) * self.env.world_size}
+
+    # -- plans -------------------------------------------------------------------------------------
+    def forward_plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """This rank's packed micro-batches for a no-grad pass over all samples."""
+        from training.batches import split_global_batch
+
+        n, world = len(lengths), self.env.world_size
+        budget = max(self.spec.forward_token_budget, max(lengths))
+        if n < world:  # too few samples for one each: every rank runs all (FSDP needs equal
+            return [list(range(n))]  # forwards on all ranks); only rank 0 reports them (``_mine``)
+        return split_global_batch(list(range(n)), lengths, world, token_budget=budget)[self.env.rank]
+
+    def _mine(self, results: dict, n: int) -> dict:
+        return {} if n < self.env.world_size and self.env.rank != 0 else results
+
+    def train_plan(self, indices: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
+        """This rank's micro-batches of one mini-batch (``indices``)."""
+        from training.batches import split_global_batch
+
+        o = self.optim_spec
+        if o.packing_samples:
+            budget = max(o.train_token_budget, max(lengths[i] for i in indices))
+            return split_global_batch(indices, lengths, self.env.world_size, token_budget=budget)[self.env.rank]
+        return split_global_batch(indices, lengths, self.env.world_size, micro_batch_size=o.micro_batch_size)[self.env.rank]
+
+    def mini_batches(self, n: int, mini_batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+        """``epochs`` shuffled passes over ``n`` samples cut into mini-batches of
+        ``mini_batch_size`` (one optimizer step each; the config checks that it divides ``n``),
+        the same on every rank (seeded)."""
+        out = []
+        for epoch in range(epochs):
+            order = list(range(n))
+            random.Random(seed * 1000 + epoch).shuffle(order)
+            out.extend(order[i:i + mini_batch_size] for i in range(0, n, mini_batch_size))
+        return out
+
+    def _run_train(self, exp, mini_batch_size: int, epochs: int, seed: int, micro_loss_fn) -> dict[str, float]:
+        """Optimizer steps over ``epochs`` passes of ``exp`` (``training.step.train_step`` each);
+        returns token-weighted means of the loss statistics over all steps."""
+        from training.step import global_means, train_step
+
+        lengths = exp.lengths
+        sums: dict[str, float] = {}
+        steps = 0
+        for mb in self.mini_batches(len(exp), mini_batch_size, epochs, seed):
+            n_tokens = sum(exp.response_lens[i] for i in mb)
+            plan = self.train_plan(mb, lengths)
+            totals, grad_norm, _ = train_step(
+                self.model, plan, lambda micro: micro_loss_fn(exp, micro, n_tokens), self.optimizer, self.scheduler,
+                self.optim_spec.max_norm,
+            )
+            means = global_means(totals, n_tokens, self.env.world_size)
+            means["grad_norm"] = grad_norm
+            for k, v in means.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out["optimizer_steps"] = steps
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str, tokenizer_path: str | None = None) -> None:
+        """A plain HF folder (collective; rank 0 writes)."""
+        from transformers import AutoTokenizer
+
+        from models.fsdp import save_hf_pretrained
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or self.spec.path)
+        save_hf_pretrained(self.hf_model, path, tokenizer)
+
+    def save_state(self, folder: str) -> None:
+        from training.checkpoint import save_model_state
+
+        save_model_state(folder, self.model, self.optimizer, self.scheduler)
+
+    def load_state(self, folder: str) -> None:
+        from training.checkpoint import load_model_state
+
+        load_model_state(folder, self.model, self.optimizer, self.scheduler)
+
+
+def _response_micro_batch(batch, indices: Sequence[int], device):
+    packed, mask = batch.packed(indices)
+    return packed.to(device), mask.to(device)
+
+
+class PolicyWorker(ModelWorker):
+    """The actor (``OptimSpec`` given) or the reference policy (``optim=None``)."""
+
+    def build(self):
+        from models.actor import Actor
+
+        actor = Actor.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None)
+        return actor, actor.model
+
+    @torch.no_grad()
+    def logprobs(self, batch, temperature: float = 1.0) -> dict[int, torch.Tensor]:
+        """``{i: log pi(response token t | ...) / T-scaled}`` for this rank's share of ``batch``
+        (a ``rl.experience.SequenceBatch``), float32 on the CPU."""
+        out: dict[int, torch.Tensor] = {}
+        for micro in self.forward_plan(batch.lengths):
+            if not micro:
+                continue
+            packed, mask = _response_micro_batch(batch, micro, self.env.device)
+            lp = self.model(packed, token_mask=mask, temperature=temperature).log_probs[mask]
+            out.update(zip(micro, batch.split_responses(micro, lp.float().cpu())))
+        return self._mine(out, len(batch))
+
+    def train(self, exp, *, mini_batch_size: int, epochs: int, seed: int, loss: str, temperature: float,
+              clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy_coef: float = 0.0) -> dict[str, float]:
+        """Policy-gradient update on an ``rl.experience.Experience``: ``loss`` "ppo" (clipped
+        surrogate, ``rl.policy_losses.ppo_policy_loss``) or "reinforce" (ReMax's,
+        ``reinforce_policy_loss``); minus ``entropy_coef`` x entropy. Token-level mean over each
+        mini-batch, exact under any micro-batch split."""
+        from rl.policy_losses import ppo_policy_loss, reinforce_policy_loss
+
+        world = self.env.world_size
+
+        def micro_loss(exp, micro, n_tokens):
+            packed, mask = _response_micro_batch(exp, micro, self.env.device)
+            out = self.model(packed, token_mask=mask, temperature=temperature, return_entropy=True)
+            lp = out.log_probs[mask][None]
+            ones = torch.ones_like(lp, dtype=torch.bool)
+            adv = exp.gather("advantages", micro).to(lp.device)[None]
+            share = n_tokens / world  # FSDP averages gradients over ranks: see rl.policy_losses
+            if loss == "ppo":
+                old = exp.gather("old_logprobs", micro).to(lp.device)[None]
+                pg, st = ppo_policy_loss(lp, old, adv, ones, clip_eps, clip_eps_high, num_tokens=share)
+            else:
+                pg, st = reinforce_policy_loss(lp, adv, ones, num_tokens=share)
+            entropy = out.entropy[mask]
+            total = pg - entropy_coef * entropy.sum() / share if entropy_coef else pg
+            k = float(lp.numel())
+            # sums over this micro-batch's tokens; global_means divides by the mini-batch's tokens
+            stats = {"policy_loss": pg.detach() * share, "entropy": entropy.detach().sum()}
+            stats |= {k_: v * k for k_, v in st.items() if k_ != "ratio_max"}  # token-weighted sums
+            return total, stats, packed.num_tokens
+
+        return self._run_train(exp, mini_batch_size, epochs, seed, micro_loss)
+
+    def state_dict_for_sync(self) -> dict[str, torch.Tensor] | None:
+        """The full HF-format state dict on rank 0 (None elsewhere). Collective."""
+        from models.fsdp import full_state_dict
+
+        sd = full_state_dict(self.hf_model)
+        return sd if self.env.rank == 0 else None
+
+
+class CriticWorker(ModelWorker):
+    """V(prefix) at every response token: the value of the state *before* the token is emitted,
+    read from the hidden state of the previous position (as the log-probs are)."""
+
+    def build(self):
+        from models.value_model import Critic
+
+        critic = Critic.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None)
+        return critic, critic.model
+
+    @staticmethod
+    def _response_values(batch, micro, values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        # the value for the token at position p comes from position p - 1: shift the mask left
+        prev = torch.zeros_like(mask)
+        prev[:, :-1] = mask[:, 1:]
+        return batch.split_responses(micro, values[prev])
+
+    @torch.no_grad()
+    def values(self, batch) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        for micro in self.forward_plan(batch.lengths):
+            if not micro:
+                continue
+            packed, mask = _response_micro_batch(batch, micro, self.env.device)
+            v = self.model(packed).float()
+            out.update(zip(micro, [t.cpu() for t in self._response_values(batch, micro, v, mask)]))
+        return self._mine(out, len(batch))
+
+    def train(self, exp, *, mini_batch_size: int, epochs: int, seed: int, value_clip: float | None) -> dict[str, float]:
+        from rl.policy_losses import clipped_value_loss
+
+        world = self.env.world_size
+
+        def micro_loss(exp, micro, n_tokens):
+            packed, mask = _response_micro_batch(exp, micro, self.env.device)
+            v = torch.cat(self._response_values(exp, micro, self.model(packed), mask))[None]
+            ones = torch.ones_like(v, dtype=torch.bool)
+            old = exp.gather("old_values", micro).to(v.device)[None]
+            ret = exp.gather("returns", micro).to(v.device)[None]
+            share = n_tokens / world
+            vl, st = clipped_value_loss(v, old, ret, ones, value_clip, num_tokens=share)
+            k = float(v.numel())
+            stats = {"value_loss": vl.detach() * share} | {k_: x * k for k_, x in st.items()}
+            return vl, stats, packed.num_tokens
+
+        stats = self._run_train(exp, mini_batch_size, epochs, seed, micro_loss)
+        return {("critic_" + k if not k.startswith("value") else k): v for k, v in stats.items()}
+
+
+class RewardWorker(ModelWorker):
+    """A sequence-classification reward model: the score at each sequence's last token."""
+
+    def build(self):
+        from models.value_model import RewardModel
+
+        rm = RewardModel.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None)
+        return rm, rm.model
+
+    @torch.no_grad()
+    def scores(self, batch) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for micro in self.forward_plan(batch.lengths):
+            if not micro:
+                continue
+            packed, _ = _response_micro_batch(batch, micro, self.env.device)
+            out.update(zip(micro, self.model(packed).float().cpu().tolist()))
+        return self._mine(out, len(batch))
+
+
+class RolloutWorker(DistributedWorker):
+    """One rollout engine (``rl.rollout.VLLMEngine`` or ``HFEngine``) in its own Ray actor. Not a
+    member of a torch.distributed world (vLLM runs its own tensor-parallel group)."""
+
+    def __init__(self, backend: str, model_dir: str, torch_threads: int = 0, **engine_kwargs: Any):
+        super().__init__()
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        from rl.rollout import make_engine
+
+        self.engine = make_engine(backend, model_dir, **engine_kwargs)
+
+    def generate(self, prompt_token_ids, sampling):
+        return self.engine.generate(prompt_token_ids, sampling)
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> float:
+        return self.engine.update_weights(state_dict)
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.engine.get_stats()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment every worker process needs: the repo on ``PYTHONPATH`` (workers import
+    ``models``/``rl``/``training``), no tokenizer thread pools fighting torch's."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": root + (os.pathsep + path if path else ""), "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}  # one line per sync is noise
