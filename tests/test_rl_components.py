@@ -1,0 +1,117 @@
+"""The driver's small pieces: experience layout, prompt schedule and truncation, running reward
+moments, merging rank results, and the config's checks (each a clear one-line error)."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from rl.config import RLConfig
+from rl.experience import SequenceBatch, pad_responses, unpad_responses
+from rl.prompt_data import PromptSchedule, tokenize_prompts
+from rl.running_moments import RunningMoments
+from rl.worker_group import merge_rank_results
+from training.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sequence_batch_masks_exactly_the_response_tokens():
+    batch = SequenceBatch([[5, 6, 7, 8], [9, 10], [11, 12, 13]], [2, 1, 2])
+    packed, mask = batch.packed([2, 0])
+    assert packed.input_ids.tolist() == [[11, 12, 13, 5, 6, 7, 8]]
+    assert mask.tolist() == [[False, False, True, False, False, True, True]]
+    parts = batch.split_responses([2, 0], packed.input_ids[mask])
+    assert [p.tolist() for p in parts] == [[13], [7, 8]]
+    assert batch.response_lens == [2, 1, 1]
+    with pytest.raises(ValueError, match="sample 1: prompt length 2 of a 2-token sequence leaves no response"):
+        SequenceBatch([[1, 2, 3], [1, 2]], [1, 2])
+
+
+def test_pad_and_unpad_round_trip():
+    rows = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0])]
+    padded, mask = pad_responses(rows)
+    assert padded.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.sum().item() == 4
+    assert [r.tolist() for r in unpad_responses(padded, [3, 1])] == [[1, 2, 3], [4]]
+
+
+def test_prompt_schedule_is_a_pure_function_of_seed_and_iteration():
+    s = PromptSchedule(num_prompts=10, batch_size=4, num_episodes=3, seed=7)
+    assert s.total == 6  # 2 full batches per episode, the partial one dropped
+    episode0 = s.batch(0) + s.batch(1)
+    assert len(set(episode0)) == 8 and all(0 <= i < 10 for i in episode0)
+    assert s.batch(2) != s.batch(0)  # a new shuffle each episode
+    assert PromptSchedule(10, 4, 3, 7).batch(5) == s.batch(5)  # a resumed run sees the same prompts
+
+
+def test_running_moments_equal_the_moments_of_everything_seen():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(3, 2, size=n) for n in (5, 1, 17, 8)]
+    m = RunningMoments()
+    for c in chunks:
+        m.update(torch.tensor(c))
+    all_ = np.concatenate(chunks)
+    assert abs(m.mean - all_.mean()) < 1e-9 and abs(m.var - all_.var()) < 1e-9 and m.count == len(all_)
+    x = torch.tensor([1.0, 5.0])
+    assert torch.allclose(m.normalize(x), (x - all_.mean()) / all_.std(), atol=1e-6)
+    restored = RunningMoments()
+    restored.load_state_dict(m.state_dict())
+    assert restored.state_dict() == m.state_dict()
+
+
+def test_merge_rank_results_catches_lost_and_duplicated_samples():
+    assert merge_rank_results([{0: "a", 2: "c"}, {1: "b"}], 3, "x") == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="1 of 3 samples were not returned"):
+        merge_rank_results([{0: "a"}, {1: "b"}], 3, "ref")
+    with pytest.raises(RuntimeError, match="sample 0 returned by two ranks"):
+        merge_rank_results([{0: "a"}, {0: "a", 1: "b"}], 2, "ref")
+
+
+def test_prompts_over_the_limit_are_truncated_or_dropped_and_counted(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"message": [{"role": "user", "content": "hi"}]},
+            {"message": [{"role": "user", "content": "a long question " * 40}]}]
+    short = len(tokenize_prompts(rows[:1], tok, 10_000, "truncate").prompts[0])
+    kept = tokenize_prompts(rows, tok, short + 5, "truncate")
+    assert len(kept) == 2 and kept.truncated == 1 and len(kept.prompts[1]) == short + 5
+    assert kept.prompts[1][0] == tok.bos_token_id or tok.bos_token_id is None  # BOS survives left truncation
+    dropped = tokenize_prompts(rows, tok, short + 5, "drop")
+    assert len(dropped) == 1 and dropped.dropped == 1
+
+
+BASE = ["--pretrain", "p", "--reward_pretrain", "r", "--prompt_data", "d"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--pretrain, --reward_pretrain and --prompt_data are required"),
+    (BASE + ["--advantage_estimator", "grpo"], "--advantage_estimator must be one of gae, remax, rloo"),
+    (BASE + ["--advantage_estimator", "rloo"], "rloo needs --n_samples_per_prompt >= 2"),
+    (BASE + ["--rollout_batch_size", "6", "--train_batch_size", "4"], "must divide the samples of a rollout"),
+    (BASE + ["--actor_num_gpus_per_node", "3", "--rollout_batch_size", "8", "--train_batch_size", "8"],
+     "must split evenly over the 3 actor rank"),
+    (BASE + ["--kl_estimator", "k4"], "--kl_estimator must be k1, k2 or k3"),
+    (BASE + ["--async_train", "--policy_loss", "reinforce"], "needs the importance ratio to the behaviour policy"),
+])
+def test_config_errors_are_one_clear_line(flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_config(RLConfig, flags)
+
+
+def test_policy_loss_and_clip_defaults_follow_the_estimator():
+    remax = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax"])
+    assert remax.effective_policy_loss == "reinforce" and remax.effective_reward_clip == 5.0
+    assert not remax.uses_critic and not remax.effective_whiten
+    ppo = parse_config(RLConfig, BASE)
+    assert ppo.effective_policy_loss == "ppo" and ppo.effective_reward_clip == 10.0 and ppo.effective_whiten
+    remax_async = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax", "--async_train"])
+    assert remax_async.effective_policy_loss == "ppo"  # the ratio to the behaviour policy is required
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                        if p.name.startswith(("ppo", "remax"))))
+def test_shipped_rl_configs_parse(name):
+    cfg = parse_config(RLConfig, ["--config", str(ROOT / "configs" / name)] + BASE)
+    assert cfg.advantage_estimator in ("gae", "remax")
