@@ -590,4 +590,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    try:
+        raise SystemExit(run_cli(main))
+    except KeyboardInterrupt:  # before any stage started: nothing to stop
+        raise SystemExit(130) from None

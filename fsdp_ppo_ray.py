@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from rl.cluster import build_workers, start_ray, stop_ray
 from rl.config import RLConfig
-from rl.prompt_data import load_prompt_sets
+from rl.prompt_data import check_tokenizers_match, load_prompt_sets
 from rl.rollout import require_vllm
 from rl.trainer import RLTrainer, optimizer_steps_per_iteration, total_iterations
 from training.cli import run_cli
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- data (every error stops here, before Ray starts)
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
+    check_tokenizers_match(tokenizer, cfg.reward_paths(), "--reward_pretrain")
+    if cfg.uses_critic and cfg.critic_pretrain:
+        check_tokenizers_match(tokenizer, [cfg.critic_pretrain], "--critic_pretrain")
     train_prompts, eval_prompts = load_prompt_sets(cfg, tokenizer)
     iterations = total_iterations(cfg, len(train_prompts))
     if iterations < 1:

@@ -28,7 +28,7 @@ class RLWorkers:
         groups = {"actor": self.actor, "ref": self.ref}
         if self.critic is not None:
             groups["critic"] = self.critic
-        groups |= {f"reward{i}" if len(self.rewards) > 1 else "reward": g for i, g in enumerate(self.rewards)}
+        groups |= {g.name: g for g in self.rewards}
         return groups
 
     def shutdown(self) -> None:
@@ -44,6 +44,10 @@ class RLWorkers:
             g.kill()
         for p in self.pools:
             p.remove()
+
+
+def reward_group_name(i: int, n: int) -> str:
+    return "reward" if n == 1 else f"reward{i}"
 
 
 def local_cpu_slots(cfg: RLConfig) -> int:
@@ -134,7 +138,7 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
     if reward_pool is None:
         reward_pool = pool("reward", cfg.reward_num_nodes, cfg.reward_num_gpus_per_node)
     share = 1.0 / (len(rm_paths) + (1 if critic is not None and reward_pool is critic.pool else 0))
-    rewards = [group(RewardWorker, reward_pool, f"reward{i}", share, spec=spec(p, micro))
+    rewards = [group(RewardWorker, reward_pool, reward_group_name(i, len(rm_paths)), share, spec=spec(p, micro))
                for i, p in enumerate(rm_paths)]
 
     engines = []

@@ -64,6 +64,21 @@ def load_prompt_sets(cfg, tokenizer, log=print) -> tuple[PromptSet, PromptSet]:
     return train, evals
 
 
+def check_tokenizers_match(tokenizer, model_paths: list[str], flag: str) -> None:
+    """The reward models (and critic) read the policy's token ids as they are: their tokenizers
+    must be the policy's (same vocabulary), else every score is of gibberish."""
+    from transformers import AutoTokenizer
+
+    from training.config import ConfigError
+
+    vocab = tokenizer.get_vocab()
+    for path in model_paths:
+        other = AutoTokenizer.from_pretrained(path)
+        if other.get_vocab() != vocab:
+            raise ConfigError(f"{flag} {path}: its tokenizer differs from the policy's ({len(other)} vs "
+                              f"{len(tokenizer)} tokens); reward models and critics must share the policy's tokenizer")
+
+
 class PromptSchedule:
     """Rollout batches of ``batch_size`` prompt indices: each episode a fresh seeded shuffle,
     the last partial batch of an episode dropped (every batch has the same size)."""

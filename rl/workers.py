@@ -80,6 +80,7 @@ class ModelWorker(DistributedWorker):
         torch.manual_seed(spec.seed)  # a fresh head gets the same init on every rank
         self.model, self.hf_model = self.build()
         self.hf_model.config.use_cache = False  # packed rows: the KV cache would merge samples
+        num_parameters = sum(p.numel() for p in self.model.parameters())  # before sharding
         shard_model(self.model, zero_stage=spec.zero_stage, device=self.env.device, bf16=spec.bf16,
                     gradient_checkpointing=spec.gradient_checkpointing and self.optim_spec is not None,
                     hf_model=self.hf_model)
@@ -92,7 +93,7 @@ class ModelWorker(DistributedWorker):
             self.model.train()
             self.optimizer = build_optimizer(self.model, o.learning_rate, o.l2)
             self.scheduler = build_scheduler(self.optimizer, o.total_steps, o.lr_warmup_ratio)
-        return {"parameters": sum(p.numel() for p in self.hf_model.parameters()) * self.env.world_size}
+        return {"parameters": num_parameters}
 
     # -- plans -------------------------------------------------------------------------------------
     def forward_plan(self, lengths: Sequence[int]) -> list[list[int]]:

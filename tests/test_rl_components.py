@@ -115,3 +115,18 @@ def test_policy_loss_and_clip_defaults_follow_the_estimator():
 def test_shipped_rl_configs_parse(name):
     cfg = parse_config(RLConfig, ["--config", str(ROOT / "configs" / name)] + BASE)
     assert cfg.advantage_estimator in ("gae", "remax")
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_before_ray_starts(tiny_model_dir, tmp_path):
+    from models.tiny import TinyModelConfig, build_tiny_model
+    from tests.trainer_runs import run_script
+
+    other = build_tiny_model(tmp_path / "other", TinyModelConfig(vocab_size=2048))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"message": "hello"}\n' * 4)
+    proc = run_script(str(ROOT / "fsdp_ppo_ray.py"), ["--pretrain", str(tiny_model_dir), "--reward_pretrain", str(other),
+                                                      "--prompt_data", str(prompts), "--rollout_batch_size", "4", "--packing_samples",
+                                                      "--train_batch_size", "4"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --reward_pretrain {other}: its tokenizer differs")
+    assert "[ray]" not in proc.stdout
