@@ -37,3 +37,9 @@ bench-rm: install
 bench-label: install
 	$(PY) -m benchmarks.label_throughput
 .PHONY: bench-label
+
+# ReMax vs PPO (memory, s/iteration) through fsdp_ppo_ray.py, and vLLM vs HF rollout tokens/s, on a
+# ~63M random Llama (CPU; 20-30 minutes on 2 cores).
+bench-rl: install
+	$(PY) -m benchmarks.remax_vs_ppo --config configs/benchmark_remax_vs_ppo.yaml
+.PHONY: bench-rl

@@ -113,6 +113,15 @@ class Stage:
     resumable: bool = False  # an interrupted attempt of the same command keeps its partial outputs
     requires: list[Path] = field(default_factory=list)  # files the command needs that a checkout may lack
     server: VLLMServer | None = None  # started before the command, stopped after it
+    env: dict[str, str] = field(default_factory=dict)  # set for the command (and shown before it)
+
+    def shell_command(self) -> str:
+        return shell_line(self.command, self.env)
+
+
+def shell_line(command: list[str], env: dict[str, str] | None = None) -> str:
+    """A command as a shell line to copy: environment settings first."""
+    return shlex.join([f"{k}={v}" for k, v in (env or {}).items()] + command)
 
 
 def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
@@ -124,12 +133,15 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     rl_config = RL_CONFIGS[cfg.algo]
     return [
         Stage("tiny", "build the tiny base model and tokenizer", [py, "-m", "models.tiny", str(tiny)], [tiny]),
-        # One epoch (18 steps): the policy only has to produce text for the later stages.
+        # One epoch (18 steps): the policy only has to produce text for the later stages. One
+        # torch thread: with two, a CPU shared with anything else makes OpenMP's spinning threads
+        # wait on each other (seen: 6 s/step against 0.35 with one thread; torchrun, as in the rm
+        # stage, sets the same).
         Stage("sft", "supervised fine-tuning on the shipped chat corpus (one epoch)",
               [py, "train_sft.py", "--config", "configs/sft_tiny.yaml", "--pretrain", str(tiny),
                "--dataset", "models/assets/tiny_chat_corpus.jsonl", "--max_epochs", "1", "--save_path", str(sft),
                "--logging_path", str(logs / "sft")],
-              [sft, logs / "sft"]),
+              [sft, logs / "sft"], env={"OMP_NUM_THREADS": "1"}),
         Stage("generate", "two sampled responses per prompt (vLLM)",
               [py, "-m", "self_ref.generate", "--config", "configs/generate_tiny.yaml", "--pretrain", str(sft),
                "--input", cfg.prompts, "--output", str(pairs)],
@@ -201,7 +213,7 @@ def fingerprint(stage: Stage, upstream_run_ids: dict[str, str]) -> dict:
     it read. Its own outputs are not inputs."""
     files = {arg: hashlib.sha1(Path(arg).read_bytes()).hexdigest() for arg in stage.command
              if arg.endswith(DATA_SUFFIXES) and Path(arg).is_file() and Path(arg) not in stage.outputs}
-    return {"command": stage.command, "server": stage.server.command() if stage.server else None,
+    return {"command": stage.command, "env": stage.env, "server": stage.server.command() if stage.server else None,
             "files": files, "after": upstream_run_ids}
 
 
@@ -324,18 +336,20 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         VLLMServer._stop_group(proc, grace=10.0)
 
 
-def run_command(command: list[str], log_path: Path, view: ProgressView, append: bool = False) -> int:
-    """Run ``command`` from the repository root in its own process group (so Ctrl-C reaches the
-    demo alone, which then stops the whole group): all output to ``log_path``, a short view to
-    the terminal. Returns the exit status."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # lines reach the log and the view as they are written
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+def run_command(command: list[str], log_path: Path, view: ProgressView, append: bool = False,
+                env: dict[str, str] | None = None) -> int:
+    """Run ``command`` (with ``env`` on top of ours) from the repository root in its own process
+    group (so Ctrl-C reaches the demo alone, which then stops the whole group): all output to
+    ``log_path``, a short view to the terminal. Returns the exit status."""
+    full_env = os.environ | {"PYTHONUNBUFFERED": "1"}  # lines reach the log and the view as they are written
+    full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    full_env |= env or {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab" if append else "wb") as log:
-        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.write(f"$ {shell_line(command, env)}\n".encode())
         log.flush()
         proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         try:
             pending = b""
             while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -385,7 +399,7 @@ def port_is_free(port: int) -> bool:
 
 def start_server(stage: Stage, view_stream) -> None:
     server = stage.server
-    print(f"$ {shlex.join(server.command())} &", file=view_stream)
+    print(f"$ {shell_line(server.command())} &", file=view_stream)
     print(f"    log: {server.log_path}; waiting until it serves '{server.model}' "
           "(about a minute on 2 CPU cores)", file=view_stream, flush=True)
     if not port_is_free(server.port):
@@ -447,9 +461,9 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
         try:
             if stage.server is not None:
                 start_server(stage, stream)
-            print(f"$ {shlex.join(stage.command)}", file=stream)
+            print(f"$ {stage.shell_command()}", file=stream)
             print(f"    log: {log}", file=stream, flush=True)
-            code = run_command(stage.command, log, ProgressView(stream), append=state == "resume")
+            code = run_command(stage.command, log, ProgressView(stream), append=state == "resume", env=stage.env)
             server_exit = stage.server.proc.poll() if stage.server is not None and stage.server.proc else None
         finally:
             if stage.server is not None:
@@ -575,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_pipeline(stages, out, parse_stage_list(cfg.force), cfg.until)
     except StageFailed as e:
         print(f"\nerror: stage '{e.stage.name}' failed: {e.reason}", file=sys.stderr)
-        print(f"  command: {shlex.join(e.stage.command)}", file=sys.stderr)
+        print(f"  command: {e.stage.shell_command()}", file=sys.stderr)
         if e.log is not None:
             print(f"  log: {e.log} (last lines below)", file=sys.stderr)
             for line in log_tail(e.log):

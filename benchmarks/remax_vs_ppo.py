@@ -13,9 +13,10 @@ of ``models/assets/tiny_chat_corpus.jsonl``. Then:
   memory = per group the max over rows of ``mem_<group>_mb`` (peak RSS minus the RSS before the
   model was loaded, summed over the group's ranks), added up over actor + ref + critic + reward
   (the training side) and with ``mem_rollout_mb`` (the vLLM engine) too; time = mean
-  ``time_iteration`` over the iterations after the warm-up ones, and the same mean of each stage.
-  With ``repeats`` > 1 the runs go round-robin and each iteration's fastest repeat counts (the
-  runs are seeded: iteration k is the same work every repeat), as in ``benchmarks.rm_throughput``.
+  ``time_iteration`` over the steady-state iterations (after the warm-up ones, before the last:
+  see ``timed_steps``), and the same mean of each stage. With ``repeats`` > 1 the runs go
+  round-robin and each iteration's fastest repeat counts (the runs are seeded: iteration k is the
+  same work every repeat), as in ``benchmarks.rm_throughput``.
 * ``rl.rollout.VLLMEngine`` and ``rl.rollout.HFEngine`` (each in its own spawned process) sample
   the same prompts with the same settings; tokens/s = generated tokens / seconds of ``generate``,
   after one warm-up call on other prompts (so vLLM's prefix cache holds none of the timed ones);
@@ -70,9 +71,9 @@ class RemaxVsPPOConfig:
     num_attention_heads: int = 12
     # the RL runs (identical settings for both algorithms)
     algos: str = "ppo,remax"
-    iterations: int = 4  # --max_iterations
-    warmup_iterations: int = 1  # excluded from the time
-    repeats: int = 1  # runs per algorithm, round-robin; per iteration the fastest repeat counts
+    iterations: int = 5  # --max_iterations; timed: warmup_iterations + 1 .. iterations - 1
+    warmup_iterations: int = 1
+    repeats: int = 2  # runs per algorithm, round-robin; per iteration the fastest repeat counts
     num_prompts: int = 64
     rollout_batch_size: int = 16
     n_samples_per_prompt: int = 1
@@ -86,6 +87,7 @@ class RemaxVsPPOConfig:
     # the rollout engines
     rollout_prompts: int = 64
     rollout_new_tokens: int = 64
+    rollout_warmup_prompts: int = 8  # the untimed first generate call (other prompts, same settings)
     rollout_repeats: int = 2  # timed generate calls per engine, each on fresh prompts
     rollout_threads: int = 2
     temperature: float = 1.0
@@ -96,14 +98,21 @@ class RemaxVsPPOConfig:
     def __post_init__(self):
         if not self.algo_list or any(a not in ESTIMATORS for a in self.algo_list):
             raise ConfigError(f"--algos: comma-separated from {', '.join(ESTIMATORS)}, got {self.algos!r}")
-        if not 0 <= self.warmup_iterations < self.iterations:
-            raise ConfigError("--warmup_iterations must leave at least one timed iteration")
+        if self.warmup_iterations < 0 or not self.timed_steps:
+            raise ConfigError("--iterations must exceed --warmup_iterations + 1 (the last iteration is not timed)")
         if self.repeats < 1 or self.rollout_repeats < 1:
             raise ConfigError("--repeats and --rollout_repeats must be >= 1")
 
     @property
     def algo_list(self) -> list[str]:
         return [a.strip() for a in self.algos.split(",") if a.strip()]
+
+    @property
+    def timed_steps(self) -> list[int]:
+        """The steady-state iterations (metrics steps). Not the last one: the trainer's per-iteration
+        memory poll queues on the engine behind the next rollout's generation (already submitted),
+        so row k's ``time_iteration`` holds generation k+1 and the last row holds none."""
+        return list(range(self.warmup_iterations + 1, self.iterations))
 
     @property
     def num_episodes(self) -> int:
@@ -232,15 +241,15 @@ def memory_summary(rows: list[dict]) -> dict:
             "models_with_rollout_mb": round(training + per_group.get("rollout", 0.0), 1)}
 
 
-def time_summary(runs: list[dict], warmup: int) -> dict:
+def time_summary(runs: list[dict], steps: list[int]) -> dict:
     """Mean seconds per timed iteration (and per stage); with repeats, each iteration's fastest
     repeat (the whole iteration's; the stages are those of that same repeat)."""
     timed = []
-    for k in range(warmup, len(runs[0]["rows"]) - 1):  # rows[0] is step 0 (before training)
-        fastest = min((run["rows"][k + 1] for run in runs), key=lambda r: r["time_iteration"])
-        timed.append(fastest)
+    for step in steps:
+        rows = [next(r for r in run["rows"] if r["step"] == step) for run in runs]
+        timed.append(min(rows, key=lambda r: r["time_iteration"]))
     out = {"seconds_per_iteration": round(sum(r["time_iteration"] for r in timed) / len(timed), 3),
-           "iteration_seconds": [round(r["time_iteration"], 3) for r in timed]}
+           "timed_steps": steps, "iteration_seconds": [round(r["time_iteration"], 3) for r in timed]}
     for stage in STAGES:
         if stage in timed[0]:
             out[stage] = round(sum(r[stage] for r in timed) / len(timed), 3)
@@ -251,11 +260,10 @@ def summarize_algo(algo: str, runs: list[dict], cfg: RemaxVsPPOConfig) -> dict:
     memory = memory_summary([r for run in runs for r in run["rows"]])
     last = runs[0]["rows"][-1]
     return {
-        "algo": algo, "advantage_estimator": ESTIMATORS[algo], **memory, **time_summary(runs, cfg.warmup_iterations),
-        "timed_iterations": cfg.iterations - cfg.warmup_iterations,
+        "algo": algo, "advantage_estimator": ESTIMATORS[algo], **memory, **time_summary(runs, cfg.timed_steps),
         "response_length": round(sum(r["response_length"] for r in runs[0]["rows"][1:]) / cfg.iterations, 1),
         "worker_parameters": runs[0]["worker_parameters"],
-        "repeat_seconds_per_iteration": [time_summary([run], cfg.warmup_iterations)["seconds_per_iteration"] for run in runs],
+        "repeat_seconds_per_iteration": [time_summary([run], cfg.timed_steps)["seconds_per_iteration"] for run in runs],
         "repeat_wall_seconds": [run["wall_seconds"] for run in runs],
         "last_reward_mean": last.get("reward_mean"),
         "logs": [run["log"] for run in runs],
@@ -320,8 +328,10 @@ def compare_rollout_engines(cfg: RemaxVsPPOConfig, model_dir: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n = cfg.rollout_prompts
-    slices = [[render_prompt_ids(tokenizer, m) for m in chat_prompts(n, offset=i * n)]
-              for i in range(1 + cfg.rollout_repeats)]
+    warmup = [render_prompt_ids(tokenizer, m) for m in chat_prompts(cfg.rollout_warmup_prompts)]
+    offset = cfg.rollout_warmup_prompts  # timed prompts: none seen before (vLLM caches prefixes)
+    timed = [[render_prompt_ids(tokenizer, m) for m in chat_prompts(n, offset=offset + i * n)]
+             for i in range(cfg.rollout_repeats)]
     sampling = {"temperature": cfg.temperature, "max_new_tokens": cfg.rollout_new_tokens, "seed": cfg.seed, "n": 1}
     engine_kwargs = {"prompt_max_len": cfg.prompt_max_len, "generate_max_len": cfg.rollout_new_tokens, "seed": cfg.seed}
     extra = {"vllm": {"cpu_kvcache_space_gb": cfg.vllm_cpu_kvcache_space_gb}, "hf": {"max_batch_size": n}}
@@ -332,12 +342,12 @@ def compare_rollout_engines(cfg: RemaxVsPPOConfig, model_dir: Path) -> dict:
         # CPU backend otherwise drops torch to 1 thread "for serving")
         with env_override(OMP_NUM_THREADS=str(cfg.rollout_threads)), \
                 ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[backend] = pool.submit(measure_engine, backend, str(model_dir), slices[0], slices[1:], sampling,
+            results[backend] = pool.submit(measure_engine, backend, str(model_dir), warmup, timed, sampling,
                                            engine_kwargs | extra[backend], cfg.rollout_threads).result()
         r = results[backend]
         print(f"[rollout] {backend}: {r['tokens_per_s']:,.0f} tokens/s (best of {len(r['calls'])})", flush=True)
     return {"engines": results, "prompts": n, "new_tokens": cfg.rollout_new_tokens, "sampling": sampling,
-            "prompt_tokens_mean": round(sum(map(len, slices[1])) / n, 1),
+            "prompt_tokens_mean": round(sum(map(len, timed[0])) / n, 1),
             "vllm_over_hf_tokens_per_s": round(results["vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"], 3)}
 
 
@@ -378,11 +388,11 @@ def target_checks(got: dict) -> dict:
     return checks
 
 
-def notes(cfg: RemaxVsPPOConfig, expected_ratio: float | None) -> list[str]:
+def notes(cfg: RemaxVsPPOConfig, policy_parameters: int, expected_ratio: float | None) -> list[str]:
     exp = f"{expected_ratio:.2f}" if expected_ratio is not None else "0.6"
     return [
         "The ReMax paper (Li et al. 2023) reports ~46% less GPU memory and 1.6-2.1x the speed of PPO "
-        "at 7B on GPUs; this is a CPU run at ~63M parameters, and several things differ:",
+        f"at 7B on GPUs; this is a CPU run at {policy_parameters / 1e6:.0f}M parameters, and several things differ:",
         f"memory: everything is fp32 with Adam, so a trained model costs 16 bytes/param (weight, grad, "
         f"two moments) and a frozen one 4; PPO trains two models (actor, critic), ReMax one, so model "
         f"states alone give ReMax/PPO = {exp} here (on GPUs bf16 weights make frozen models relatively cheaper still);"
@@ -396,6 +406,12 @@ def notes(cfg: RemaxVsPPOConfig, expected_ratio: float | None) -> list[str]:
         "for free as they do on separate GPUs, and a stage's own time includes waiting for cores; "
         "ReMax adds a greedy generation per prompt and doubles the reward model's batch, PPO adds a "
         "critic forward and a critic update",
+        "ReMax's time_generate is the logged max of its sampled and greedy generate calls, which run one "
+        "after the other on the single engine: its generation wall time is about twice that (time_iteration "
+        "is wall time and includes both)",
+        "rollout engines: on a GPU vLLM wins by paged attention, continuous batching, CUDA graphs and fused "
+        "kernels; vLLM's CPU backend runs eager fp32 here, and with all prompts in one batch for both "
+        "engines a decode step is dominated by the same matmuls, so the gap is far smaller than on GPUs",
         "the machine may be shared with other jobs: timings are noisy; see repeat_* and the raw rows",
     ]
 
@@ -477,7 +493,7 @@ def main(argv=None):
             run = run_rl(cfg, algo, model_dir, prompts, workdir / f"{algo}_{rep}")
             attempts[algo].append(run)
             print(f"[{algo}] repeat {rep + 1}: {run['wall_seconds']:.0f} s wall; "
-                  f"{time_summary([run], cfg.warmup_iterations)['seconds_per_iteration']:.2f} s/iteration, "
+                  f"{time_summary([run], cfg.timed_steps)['seconds_per_iteration']:.2f} s/iteration, "
                   f"models {memory_summary(run['rows'])['models_mb']:,.0f} MB", flush=True)
     by = {a: summarize_algo(a, runs, cfg) for a, runs in attempts.items()}
     rollout = compare_rollout_engines(cfg, model_dir) if cfg.compare_rollout else None
@@ -490,10 +506,11 @@ def main(argv=None):
         "expected_model_state_memory_ratio_fp32_adam": expected,
         "runs": {a: {k: v for k, v in r.items() if k != "rows"} for a, r in by.items()},
         "rollout": rollout,
-        "notes": notes(cfg, expected),
-        "timing": (f"mean time_iteration over iterations {cfg.warmup_iterations + 1}..{cfg.iterations} "
-                   f"(iteration 1..{cfg.warmup_iterations} warm-up); {cfg.repeats} repeat(s) round-robin, "
-                   "per iteration the fastest repeat; stage times are that repeat's"),
+        "notes": notes(cfg, model["policy_parameters"], expected),
+        "timing": (f"mean time_iteration over iterations {cfg.timed_steps} (1..{cfg.warmup_iterations}: warm-up; "
+                   f"{cfg.iterations}, the last: its row holds no rollout generation, since the trainer's memory poll "
+                   f"waits on the engine behind the next iteration's generation, so each row holds the next one's); "
+                   f"{cfg.repeats} repeat(s) round-robin, per iteration the fastest repeat; stage times are that repeat's"),
         "memory": ("per group max over metrics rows of mem_<group>_mb (peak RSS - RSS before the model was "
                    "loaded, summed over ranks); models = actor + ref + critic + reward; with rollout = + vLLM engine"),
         "model": model,

@@ -314,3 +314,16 @@ def test_log_tail_collapses_progress_bar_redraws(tmp_path):
         "label:  100%|##  | 4/4 [00:04<00:01,  1.0pair/s]", "[label] 4 pairs failed",
         "label: 100%|###| 4/4 [00:04<00:00]"]
     assert demo.log_tail(tmp_path / "missing.log") == [f"(no log at {tmp_path / 'missing.log'})"]
+
+
+def test_stage_environment_reaches_the_command_and_its_printed_line(tmp_path):
+    code = "import os, pathlib; pathlib.Path(os.environ['OUT_FILE']).write_text(os.environ['OMP_NUM_THREADS'])"
+    stage = Stage("env", "environment", [PY, "-c", code], [tmp_path / "threads.txt"],
+                  env={"OMP_NUM_THREADS": "1", "OUT_FILE": str(tmp_path / "threads.txt")})
+    stream = io.StringIO()
+    run_pipeline([stage], tmp_path, set(), "env", stream=stream)
+    assert (tmp_path / "threads.txt").read_text() == "1"
+    line = f"$ OMP_NUM_THREADS=1 OUT_FILE={tmp_path / 'threads.txt'} {PY} -c "
+    assert line in stream.getvalue() and (tmp_path / "logs" / "env.log").read_text().startswith(line)
+    sft = next(s for s in demo.build_stages(parse_config(DemoConfig, []), tmp_path) if s.name == "sft")
+    assert sft.env == {"OMP_NUM_THREADS": "1"} and sft.shell_command().startswith(f"OMP_NUM_THREADS=1 {PY} train_sft.py")
