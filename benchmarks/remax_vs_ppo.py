@@ -109,9 +109,8 @@ class RemaxVsPPOConfig:
 
     @property
     def timed_steps(self) -> list[int]:
-        """The steady-state iterations (metrics steps). Not the last one: the trainer's per-iteration
-        memory poll queues on the engine behind the next rollout's generation (already submitted),
-        so row k's ``time_iteration`` holds generation k+1 and the last row holds none."""
+        """The steady-state iterations (metrics steps). Not the last one: it also runs the final
+        greedy evaluation on the engines."""
         return list(range(self.warmup_iterations + 1, self.iterations))
 
     @property
@@ -406,9 +405,8 @@ def notes(cfg: RemaxVsPPOConfig, policy_parameters: int, expected_ratio: float |
         "for free as they do on separate GPUs, and a stage's own time includes waiting for cores; "
         "ReMax adds a greedy generation per prompt and doubles the reward model's batch, PPO adds a "
         "critic forward and a critic update",
-        "ReMax's time_generate is the logged max of its sampled and greedy generate calls, which run one "
-        "after the other on the single engine: its generation wall time is about twice that (time_iteration "
-        "is wall time and includes both)",
+        "ReMax's sampled and greedy responses go to the engine in one generate call (they share the batch and "
+        "the prompts' prefix cache): time_generate is that call",
         "rollout engines: on a GPU vLLM wins by paged attention, continuous batching, CUDA graphs and fused "
         "kernels; vLLM's CPU backend runs eager fp32 here, and with all prompts in one batch for both "
         "engines a decode step is dominated by the same matmuls, so the gap is far smaller than on GPUs",
@@ -508,8 +506,7 @@ def main(argv=None):
         "rollout": rollout,
         "notes": notes(cfg, model["policy_parameters"], expected),
         "timing": (f"mean time_iteration over iterations {cfg.timed_steps} (1..{cfg.warmup_iterations}: warm-up; "
-                   f"{cfg.iterations}, the last: its row holds no rollout generation, since the trainer's memory poll "
-                   f"waits on the engine behind the next iteration's generation, so each row holds the next one's); "
+                   f"{cfg.iterations}, the last, also runs the final evaluation); "
                    f"{cfg.repeats} repeat(s) round-robin, per iteration the fastest repeat; stage times are that repeat's"),
         "memory": ("per group max over metrics rows of mem_<group>_mb (peak RSS - RSS before the model was "
                    "loaded, summed over ranks); models = actor + ref + critic + reward; with rollout = + vLLM engine"),

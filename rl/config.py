@@ -27,6 +27,7 @@ class PlacementArgs:
     vllm_gpu_memory_utilization: float = 0.5
     vllm_cpu_kvcache_space_gb: int = field(default=1, metadata={"help": "KV cache of a CPU vLLM engine (GiB)"})
     rollout_backend: str = field(default="vllm", metadata={"help": "vllm | hf (transformers generate, when vLLM is absent)"})
+    weight_sync: str = field(default="auto", metadata={"help": "actor -> engines: object_store (Ray) | broadcast (one process group: NCCL on GPUs, gloo on CPUs) | auto (broadcast with GPUs and vLLM)"})
     worker_threads: int = field(default=0, metadata={"help": "torch threads per CPU worker (0: torch's default)"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: RAY_ADDRESS, else a local Ray started and stopped here)"})
 
@@ -103,6 +104,10 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
             raise ConfigError(f"--policy_loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
         if self.rollout_backend not in ("vllm", "hf"):
             raise ConfigError(f"--rollout_backend must be vllm or hf, got {self.rollout_backend!r}")
+        if self.weight_sync not in ("auto", "object_store", "broadcast"):
+            raise ConfigError(f"--weight_sync must be auto, object_store or broadcast, got {self.weight_sync!r}")
+        if self.weight_sync == "broadcast" and self.rollout_backend != "vllm":
+            raise ConfigError("--weight_sync broadcast needs --rollout_backend vllm (the HF engine takes object_store)")
         if self.prompt_overflow not in ("truncate", "drop"):
             raise ConfigError(f"--prompt_overflow must be truncate or drop, got {self.prompt_overflow!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):

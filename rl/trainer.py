@@ -58,20 +58,18 @@ def total_iterations(cfg: RLConfig, num_prompts: int) -> int:
 
 @dataclass
 class Generation:
-    """Rollouts being generated: ObjectRefs of the engines' ``(groups, seconds)``."""
+    """Rollouts being generated: ObjectRefs of the engines' ``(per-request groups, seconds)``; the
+    requests are the sampled responses and, for ReMax, the greedy ones (in the same engine call)."""
 
-    sampled: list
-    greedy: list
+    refs: list
 
     def resolve(self) -> tuple[list[list[Rollout]], list[Rollout], float]:
         import ray
 
-        sampled = ray.get(self.sampled)
-        greedy = ray.get(self.greedy)
-        groups = [g for part, _ in sampled for g in part]
-        greedy_flat = [g[0] for part, _ in greedy for g in part]
-        seconds = max([s for _, s in sampled] + [s for _, s in greedy] + [0.0])
-        return groups, greedy_flat, seconds
+        parts = ray.get(self.refs)
+        groups = [g for requests, _ in parts for g in requests[0]]
+        greedy = [g[0] for requests, _ in parts if len(requests) > 1 for g in requests[1]]
+        return groups, greedy, max([s for _, s in parts] + [0.0])
 
 
 class RLTrainer:
@@ -86,25 +84,29 @@ class RLTrainer:
                                        max_new_tokens=cfg.generate_max_len, n=cfg.n_samples_per_prompt)
         self.iteration = 0
         self.pending: tuple | None = None  # async: the next batch's rollouts, generated before a checkpoint
+        self.weight_sync = "object_store"  # resolved in open_weight_group (it needs the cluster)
 
     # -- generation ------------------------------------------------------------------------------
-    def _submit(self, prompts: list[list[int]], sampling: SamplingConfig, base_seed: int | None) -> list:
-        """Split ``prompts`` over the engines (contiguous chunks); each chunk's seeds continue the
-        batch's numbering, so samples do not depend on the number of engines."""
+    def _submit(self, prompts: list[list[int]], samplings: list[SamplingConfig]) -> list:
+        """Split ``prompts`` over the engines (contiguous chunks); each engine runs every sampling
+        on its chunk in one call. Seeds continue the batch's numbering across chunks, so samples do
+        not depend on the number of engines."""
         engines = self.workers.engines
         size = math.ceil(len(prompts) / len(engines))
         refs = []
         for e, start in zip(engines, range(0, len(prompts), size)):
-            s = replace(sampling, seed=None if base_seed is None else base_seed + start * sampling.n)
-            refs.append(e.execute.remote("generate", prompts[start:start + size], s))
+            requests = [(prompts[start:start + size],
+                         replace(s, seed=None if s.seed is None else s.seed + start * s.n)) for s in samplings]
+            refs.append(e.execute.remote("generate_batches", requests))
         return refs
 
     def generate(self, iteration: int) -> Generation:
         prompts = [self.train_prompts.prompts[i] for i in self.schedule.batch(iteration)]
         seed = self.cfg.seed * 1_000_003 + iteration * self.cfg.samples_per_rollout  # resumable sampling
-        sampled = self._submit(prompts, self.sampling, seed)
-        greedy = self._submit(prompts, self.sampling.greedy(), None) if self.cfg.advantage_estimator == "remax" else []
-        return Generation(sampled, greedy)
+        samplings = [replace(self.sampling, seed=seed)]
+        if self.cfg.advantage_estimator == "remax":
+            samplings.append(self.sampling.greedy())
+        return Generation(self._submit(prompts, samplings))
 
     # -- scoring ---------------------------------------------------------------------------------
     def _scores(self, batch: SequenceBatch) -> tuple[torch.Tensor, float]:
@@ -220,15 +222,37 @@ class RLTrainer:
             metrics |= parts[0]
         return metrics
 
+    def open_weight_group(self) -> None:
+        """For ``--weight_sync broadcast``: the actor's rank 0 and every engine worker form one
+        process group (``rl.weight_broadcast``; NCCL with GPUs, gloo without)."""
+        import ray
+
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        self.weight_sync = resolve_weight_sync(self.cfg, use_gpu)
+        if self.weight_sync != "broadcast":
+            return
+        engines, tp = self.workers.engines, self.cfg.vllm_tensor_parallel_size
+        world, backend = 1 + len(engines) * tp, "nccl" if use_gpu else "gloo"
+        rank0 = self.workers.actor.workers[0]
+        host, port = ray.get(rank0.open_weight_group.remote(world))
+        ray.get([rank0.join_weight_group.remote(host, port, world, backend)]
+                + [e.execute.remote("join_weight_group", host, port, 1 + i * tp, world, backend)
+                   for i, e in enumerate(engines)])
+        self.log(f"[sync] weights by {backend} broadcast from the actor's rank 0 to {world - 1} engine worker(s)")
+
     def sync_weights(self) -> float:
-        """The actor's full state dict (gathered on its rank 0, passed by reference through the
-        object store) into every engine. Returns seconds."""
+        """The actor's full state dict (gathered on its rank 0) into every engine: passed by
+        reference through the object store, or broadcast (``--weight_sync``). Returns seconds."""
         import ray
 
         t0 = time.perf_counter()
-        refs = [wk.full_state_dict.remote() for wk in self.workers.actor.workers]
-        ray.get([e.execute.remote("update_weights", refs[0]) for e in self.workers.engines])
-        ray.get(refs[1:])
+        actor, engines = self.workers.actor.workers, self.workers.engines
+        if self.weight_sync == "object_store":
+            refs = [wk.full_state_dict.remote() for wk in actor]
+            ray.get([e.execute.remote("update_weights", refs[0]) for e in engines])
+            ray.get(refs[1:])  # not refs[0]: the driver needs no copy of the weights
+        else:
+            ray.get([wk.broadcast_weights.remote() for wk in actor] + [e.execute.remote("receive_weights") for e in engines])
         return time.perf_counter() - t0
 
     def probe_gap(self, iteration: int) -> float:
@@ -248,13 +272,10 @@ class RLTrainer:
     # -- evaluation, memory --------------------------------------------------------------------------
     def evaluate(self) -> dict:
         """Mean reward of the greedy responses to the evaluation prompts."""
-        import ray
-
         if not len(self.eval_prompts):
             return {}
-        greedy = replace(self.sampling, n=1).greedy()
-        parts = ray.get(self._submit(self.eval_prompts.prompts, greedy, None))
-        samples = [g[0] for part, _ in parts for g in part]
+        samples, _, _ = Generation(self._submit(self.eval_prompts.prompts, [self.sampling.greedy()])).resolve()
+        samples = [g[0] for g in samples]
         scores, _ = self._scores(SequenceBatch.from_rollouts(samples))
         return {"eval_reward_mean": scores.mean().item(),
                 "eval_response_length": sum(len(r.response_ids) for r in samples) / len(samples)}
@@ -318,6 +339,7 @@ class RLTrainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
+        self.open_weight_group()
         resumed = self.resume()
         logger = MetricsLogger(cfg.logging_path, use_wandb=cfg.use_wandb, use_tensorboard=cfg.use_tensorboard,
                                wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
@@ -346,12 +368,14 @@ class RLTrainer:
             metrics["time_sync"] = self.sync_weights()
             if cfg.async_train:
                 metrics["sync_logprob_gap"] = self.probe_gap(self.iteration)
-            if not cfg.async_train and self.iteration < self.total:
-                ready = self.generate(self.iteration)
             if (cfg.eval_steps > 0 and self.iteration % cfg.eval_steps == 0) or self.iteration == self.total:
                 metrics |= self.evaluate()
             metrics |= self.memory()
             metrics["time_iteration"] = time.perf_counter() - t_iter
+            # Submitted only now: evaluation and the memory poll would queue behind it on the
+            # engines, and this iteration's time would hold the next one's generation.
+            if not cfg.async_train and self.iteration < self.total:
+                ready = self.generate(self.iteration)
             logger.log(self.iteration, metrics)
             bar.update(1)
             bar.set_postfix({"reward": f"{metrics['reward_mean']:.3f}", "kl": f"{metrics['kl']:.4f}"})
@@ -365,6 +389,14 @@ class RLTrainer:
         logger.close()
         return {"iterations": self.iteration, **{f"first_{k}": v for k, v in first_eval.items()},
                 **{f"last_{k}": v for k, v in metrics.items() if k.startswith(("eval_", "reward_mean", "kl"))}}
+
+
+def resolve_weight_sync(cfg: RLConfig, use_gpu: bool) -> str:
+    """``--weight_sync auto``: broadcast where it avoids host copies (GPUs, vLLM engines), else the
+    object store (on CPUs the in-process engine takes the tensors without a copy)."""
+    if cfg.weight_sync != "auto":
+        return cfg.weight_sync
+    return "broadcast" if use_gpu and cfg.rollout_backend == "vllm" else "object_store"
 
 
 def critic_save_path(save_path: str) -> str:

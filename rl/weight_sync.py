@@ -21,16 +21,11 @@ Transports (``VLLMEngine.update_weights(..., transport=...)``):
   embeddings); costs one write and one read of the model per sync.
 
 How this maps to GPUs. Between processes the dict travels through the Ray object store (the
-trainer's rank 0 ``ray.put``s it, or returns it from a Ray method, and the engine actor receives
-it): one host copy on each side. That works everywhere and is what the CPU tests exercise, but for
-a 7B model in bf16 it moves 14 GB through host memory per sync (seconds). Peer frameworks on GPUs
-avoid the host: OpenRLHF and verl open an NCCL group between the trainer's rank 0 and every vLLM
-worker (vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator``), gather one parameter at a time
-from FSDP and broadcast it, and each worker calls ``model.load_weights([(name, tensor)])``; when
-trainer and engine share a GPU they pass CUDA IPC handles instead (no copy at all). vLLM's own
-NCCL/IPC weight-transfer engines are GPU-only and cannot be tested on our CPU machines.
-TODO(gpu): add an ``nccl`` transport (per-parameter broadcast from the trainer's rank 0, bucketed)
-for multi-GPU runs where the object-store path's host copies dominate the step time.
+trainer's rank 0 returns it from a Ray method and the engine actor receives it): one host copy on
+each side. For a 7B model in bf16 that moves 14 GB through host memory per sync (seconds), which
+is why ``--weight_sync broadcast`` (``rl.weight_broadcast``: the actor's rank 0 broadcasts tensor
+by tensor over NCCL to every vLLM worker, as OpenRLHF and verl do) is the default with GPUs. When
+trainer and engine share a GPU, peers pass CUDA IPC handles instead (no copy at all); not done here.
 """
 
 from __future__ import annotations

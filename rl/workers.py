@@ -164,6 +164,23 @@ class ModelWorker(DistributedWorker):
         sd = full_state_dict(self.hf_model)
         return sd if self.env.rank == 0 else None
 
+    # --weight_sync broadcast (rl.weight_broadcast): rank 0 is rank 0 of the engines' group
+    def open_weight_group(self, world_size: int) -> tuple[str, int]:
+        from rl.weight_broadcast import BroadcastGroup
+
+        self.weight_group = BroadcastGroup()
+        return self.weight_group.open(world_size)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        self.weight_group.join(host, port, 0, world_size, backend)
+
+    def broadcast_weights(self) -> None:
+        """Gather the full state dict (collective: every rank is called) and broadcast it from
+        rank 0 to the engines."""
+        sd = self.full_state_dict()
+        if sd is not None:
+            self.weight_group.send(sd)
+
     def save_pretrained(self, path: str, tokenizer_path: str | None = None) -> None:
         """A plain HF folder (collective; rank 0 writes)."""
         from transformers import AutoTokenizer
@@ -329,8 +346,17 @@ class RolloutWorker(DistributedWorker):
     def generate(self, prompt_token_ids, sampling):
         return self.engine.generate(prompt_token_ids, sampling)
 
+    def generate_batches(self, requests):
+        return self.engine.generate_batches(requests)
+
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> float:
         return self.engine.update_weights(state_dict)
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
+        self.engine.join_weight_group(host, port, rank_offset, world_size, backend)
+
+    def receive_weights(self) -> float:
+        return self.engine.receive_weights()
 
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()

@@ -49,6 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from models.vllm_cpu import cpu_scheduler_kwargs
 from self_ref.client import OpenAIClient, RequestFailed
 from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from rlhf_data import load_rows, validate_prompt
@@ -237,6 +238,7 @@ def run_vllm(cfg: GenerateConfig, jobs: list[Job], results: Results) -> None:
         max_model_len=max_model_len,
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
+        **({} if cuda else cpu_scheduler_kwargs(max_model_len)),  # seeded sampling on CPU: see models.vllm_cpu
     )
 
     def params(job: Job) -> SamplingParams:

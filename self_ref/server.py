@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from models.vllm_cpu import cpu_server_args
+
 HOST = "127.0.0.1"
 
 
@@ -61,6 +63,29 @@ for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 0.0)):
 """
 
 
+def terminate_process_group(proc: subprocess.Popen | None, grace: float) -> None:
+    """SIGTERM the process group led by ``proc`` (started with ``start_new_session``), SIGKILL what
+    is left after ``grace`` seconds. The group is killed even when ``proc`` itself already exited:
+    its children (a vLLM server's engine process, torchrun's workers) may still be there."""
+    if proc is None:
+        return
+    pgid = proc.pid  # start_new_session: proc leads its own group
+    if proc.poll() is None:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 # --- vLLM server ------------------------------------------------------------------------------
 
 
@@ -93,7 +118,9 @@ class VLLMServer:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_dir, "--host", HOST, "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", str(self.max_model_len),
-            "--served-model-name", self.model, "--seed", "0", *self.extra_args,
+            "--served-model-name", self.model, "--seed", "0",
+            *cpu_server_args(self.max_model_len),  # the judge's seeded retries: see models.vllm_cpu
+            *self.extra_args,
         ]
 
     def start(self) -> "VLLMServer":
@@ -143,7 +170,7 @@ class VLLMServer:
         proc, self.proc = self.proc, None
         watchdog, self._watchdog = self._watchdog, None
         try:
-            self._stop_group(proc, grace)
+            terminate_process_group(proc, grace)
         finally:
             if watchdog is not None:  # its group is gone: let it exit (it finds nothing to kill)
                 watchdog.stdin.close()
@@ -151,29 +178,6 @@ class VLLMServer:
                     watchdog.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     watchdog.kill()
-
-    @staticmethod
-    def _stop_group(proc: subprocess.Popen | None, grace: float) -> None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds. The
-        group (id = the server's pid) is killed even when the API server itself already exited:
-        its engine process may still be there."""
-        if proc is None:
-            return
-        pgid = proc.pid  # start_new_session: the server leads its own group
-        if proc.poll() is None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-                proc.wait(timeout=grace)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
     def log_tail(self, chars: int = 6000) -> str:
         return _tail(self.log_path, chars)

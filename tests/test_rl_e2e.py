@@ -101,7 +101,10 @@ def test_remax_learns_with_no_critic_and_saves_a_causal_lm(models, tmp_path):
 
 
 def test_ppo_learns_with_critic_and_gae(models, tmp_path):
-    run_rl(rl_args(models, tmp_path, "ppo", save_path=tmp_path / "policy"))
+    # weights by broadcast (gloo here, NCCL on GPUs): the sync gap checked in assert_learns is
+    # measured on rollouts sampled right after each broadcast
+    proc = run_rl(rl_args(models, tmp_path, "ppo", save_path=tmp_path / "policy", weight_sync="broadcast"))
+    assert "[sync] weights by gloo broadcast" in proc.stdout
     metrics = assert_learns(tmp_path)
     assert "value_loss" in metrics[-1] and "clip_fraction" in metrics[-1] and "mem_critic_mb" in metrics[-1]
     critic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "policy_critic")

@@ -300,6 +300,23 @@ def test_vllm_logprobs_equal_actor(vllm_engine, actor, prompts, temperature):
     assert [r.response_ids for r in flatten(again)] == [r.response_ids for r in flatten(groups)]
 
 
+def test_vllm_sampled_and_greedy_in_one_call_equal_separate_calls(vllm_engine, hf_engine, prompts):
+    """ReMax's request: the sampled and the greedy responses of the same prompts in one engine
+    call give what two calls give (per-request seeds; argmax)."""
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=GEN_MAX, n=2, seed=11)
+    greedy = sampling.greedy()
+    for engine in (vllm_engine, hf_engine):
+        both = engine.generate_batches([(prompts, sampling), (prompts, greedy)])
+        assert len(both) == 2
+        check_shapes(both[0], len(prompts), 2, GEN_MAX)
+        check_shapes(both[1], len(prompts), 1, GEN_MAX)
+        apart = [engine.generate(prompts, sampling), engine.generate(prompts, greedy)]
+        for together, alone in zip(both, apart):
+            assert [r.response_ids for r in flatten(together)] == [r.response_ids for r in flatten(alone)]
+            assert logprob_gap(together, [r.response_logprobs for r in flatten(alone)]) <= 1e-5
+    assert vllm_engine.generate_batches([]) == []
+
+
 def test_vllm_processed_logprobs_with_top_k_and_penalty(vllm_engine, hf_model, prompts):
     sampling = SamplingConfig(temperature=0.7, top_k=20, repetition_penalty=1.3, max_new_tokens=24, n=2, seed=5)
     groups = vllm_engine.generate(prompts, sampling)
@@ -357,6 +374,47 @@ def test_vllm_weight_sync_and_stale_detector(vllm_engine, hf_model, actor, promp
         assert [g[0].response_ids for g in vllm_engine.generate(prompts, greedy)] == hf_greedy(hf_model, prompts, GEN_MAX)
         assert vllm_engine.get_stats()["weight_updates"] == 2
     finally:
+        vllm_engine.update_weights(old_sd)  # later tests see the checkpoint's weights
+
+
+def test_vllm_weight_broadcast_from_a_gloo_group(vllm_engine, hf_model, actor, prompts):
+    """--weight_sync broadcast on CPU: this process, as the actor's rank 0, broadcasts a state dict
+    over gloo to the engine's worker (the NCCL path on GPUs is the same code); the engine then
+    samples with the new weights. A dict that does not fit arrives, is refused, and leaves the
+    engine serving its current weights."""
+    from rl.weight_broadcast import BroadcastGroup
+
+    ray, handle = vllm_engine.ray, vllm_engine.handle
+    old_sd = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    new_model = perturbed_model(hf_model)
+    greedy = SamplingConfig(max_new_tokens=GEN_MAX).greedy()
+    group = BroadcastGroup()
+    host, port = group.open(world_size=2)
+    joined = handle.join_weight_group.remote(host, port, 1, 2, "gloo")
+    group.join(host, port, 0, 2, "gloo")
+    ray.get(joined, timeout=120)
+    try:
+        received = handle.receive_weights.remote()
+        group.send(new_model.state_dict())
+        ray.get(received, timeout=300)
+        sampling = SamplingConfig(temperature=1.0, max_new_tokens=GEN_MAX, n=2, seed=3)
+        groups = vllm_engine.generate(prompts, sampling)
+        assert logprob_gap(groups, actor_logprobs(Actor(new_model).eval(), groups, 1.0)) <= 1e-3
+        new_greedy = [g[0].response_ids for g in vllm_engine.generate(prompts, greedy)]
+        assert new_greedy == hf_greedy(new_model, prompts, GEN_MAX) != hf_greedy(hf_model, prompts, GEN_MAX)
+
+        received = handle.receive_weights.remote()
+        group.send({k: v for k, v in old_sd.items() if k != "model.norm.weight"})
+        with pytest.raises(ray.exceptions.RayTaskError, match="missing key"):
+            ray.get(received, timeout=300)
+        assert [g[0].response_ids for g in vllm_engine.generate(prompts, greedy)] == new_greedy
+
+        received = handle.receive_weights.remote()
+        group.send(old_sd)
+        ray.get(received, timeout=300)
+        assert [g[0].response_ids for g in vllm_engine.generate(prompts, greedy)] == hf_greedy(hf_model, prompts, GEN_MAX)
+    finally:
+        group.close()
         vllm_engine.update_weights(old_sd)  # later tests see the checkpoint's weights
 
 

@@ -66,12 +66,16 @@ def test_gradient_accumulation_and_packing_do_not_change_the_loss_curve(tiny_mod
 
 def test_two_process_fsdp_gives_the_single_process_loss_curve(tiny_model_dir, prefs, tmp_path):
     train, _ = prefs
-    common = dict(max_steps=5, packing_samples=True, packing_max_tokens=300, loss="sigmoid")
+    odd_eval = write_jsonl(tmp_path / "eval7.jsonl", preference_rows(7, seed=2))  # 7 pairs over 2 ranks
+    common = dict(max_steps=5, packing_samples=True, packing_max_tokens=300, loss="sigmoid", eval_dataset=odd_eval)
     run_script(SCRIPT, base_args(tiny_model_dir, train, tmp_path / "two", **common), nproc=2)
     train_rm_llama2.main(base_args(tiny_model_dir, train, tmp_path / "one", **common))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == 5
     assert two == pytest.approx(one, abs=1e-5, rel=0)
+    evals = {name: [r for r in read_metrics(tmp_path / name / "log") if "eval_loss" in r][-1] for name in ("one", "two")}
+    assert evals["two"]["eval_loss"] == pytest.approx(evals["one"]["eval_loss"], abs=1e-5)
+    assert evals["two"]["eval_acc"] == evals["one"]["eval_acc"]
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, prefs, tmp_path):

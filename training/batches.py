@@ -72,15 +72,16 @@ def split_global_batch(
 
     By count (``micro_batch_size``): rank r takes samples r, r+W, ... and cuts them into
     micro-batches of that size. By tokens (``token_budget``, ``lengths[i]`` per dataset index): as
-    many balanced micro-batches as the budget needs, the same number on every rank.
+    many balanced micro-batches as the budget needs, the same number on every rank; the count
+    need not divide by the world size (evaluation sets have any size).
     """
-    if len(indices) % world_size:
-        raise ValueError(f"global batch of {len(indices)} is not divisible by world size {world_size}")
-    if token_budget is not None:
+    if token_budget is not None:  # any count: ranks may differ by samples, not by micro-batches
         plan = balanced_micro_batches([lengths[i] for i in indices], token_budget, world_size)
         return [[[indices[j] for j in mb] for mb in rank_plan] for rank_plan in plan]
     if micro_batch_size is None:
         raise ValueError("give micro_batch_size or token_budget")
+    if len(indices) % world_size:
+        raise ValueError(f"global batch of {len(indices)} is not divisible by world size {world_size}")
     per_rank = len(indices) // world_size
     if per_rank % micro_batch_size:
         raise ValueError(
