@@ -15,7 +15,7 @@ demo: install
 	$(PY) demo.py $(DEMO_ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: install
 	$(PY) -m benchmarks.packing --config configs/benchmark_packing.yaml
