@@ -573,12 +573,20 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: process groups stopped, judge server too
 
 
+def install_interrupt_handlers() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, whatever the demo inherited: a shell starts a
+    background job (``make demo &``, CI runners) with SIGINT ignored, and Python then installs no
+    handler of its own, so ``kill -INT`` would do nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DemoConfig, argv)
     out = from_root(cfg.out)
     cfg.prompts = str(from_root(cfg.prompts))
     os.chdir(ROOT)
-    signal.signal(signal.SIGTERM, _terminate)
+    install_interrupt_handlers()
     stages = build_stages(cfg, out)
     print(f"demo: {' -> '.join(s.name for s in stages)} into {out} (commands run from {ROOT}; "
           f"--until {cfg.until}, --algo {cfg.algo})")

@@ -93,6 +93,7 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
     whiten_advantages: bool | None = field(default=None, metadata={"help": "batch-whiten advantages (default: on for gae, off for the baselines)"})
 
     async_train: bool = field(default=False, metadata={"help": "generate rollout k+1 while training on rollout k (one step off-policy); critic and actor update concurrently"})
+    old_logprobs: str = field(default="auto", metadata={"help": "log-probs of the sampled tokens (the PPO ratio's denominator, the KL): trainer (an actor forward before training) | sampler (the engine's; the sync gap is then read off the first training forward) | auto (sampler for --async_train and for the REINFORCE loss in fp32, else trainer)"})
     eval_steps: int = field(default=-1, metadata={"help": "greedy-reward evaluation every N iterations (always before and after training)"})
 
     def __post_init__(self):
@@ -127,6 +128,11 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
         if self.async_train and self.policy_loss == "reinforce":
             raise ConfigError("--async_train trains on rollouts of the previous weights and needs the importance "
                               "ratio to the behaviour policy: use --policy_loss ppo (or auto), not reinforce")
+        if self.old_logprobs not in ("auto", "trainer", "sampler"):
+            raise ConfigError(f"--old_logprobs must be auto, trainer or sampler, got {self.old_logprobs!r}")
+        if self.async_train and self.old_logprobs == "trainer":
+            raise ConfigError("--async_train trains on rollouts of the previous weights: their log-probs can only "
+                              "come from the sampler (--old_logprobs sampler or auto)")
         if self.vllm_num_engines < 1:
             raise ConfigError("--vllm_num_engines must be >= 1")
 
@@ -155,6 +161,19 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
         if self.policy_loss != "auto":
             return self.policy_loss
         return "reinforce" if self.advantage_estimator == "remax" and not self.async_train else "ppo"
+
+    @property
+    def effective_old_logprobs(self) -> str:
+        """``auto``: the sampler's where nothing needs the trainer's. Async must use the behaviour
+        policy's. The REINFORCE loss has no ratio, so old log-probs only enter the KL, and in fp32
+        the engine's equal the trainer's (~1e-7, the sync gap): the actor forward before training
+        is then pure cost. With bf16 the two differ by more, and PPO's ratio is sensitive to
+        that, so they recompute (as OpenRLHF and verl do)."""
+        if self.old_logprobs != "auto":
+            return self.old_logprobs
+        if self.async_train or (self.effective_policy_loss == "reinforce" and not self.bf16):
+            return "sampler"
+        return "trainer"
 
     @property
     def effective_reward_clip(self) -> float | None:

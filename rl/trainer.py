@@ -134,7 +134,7 @@ class RLTrainer:
         # everything below runs concurrently on separate workers
         ref_sub = w.ref.submit("logprobs", batch_ref, T)
         critic_sub = w.critic.submit("values", batch_ref) if w.critic is not None else None
-        actor_sub = None if cfg.async_train else w.actor.submit("logprobs", batch_ref, T)
+        actor_sub = w.actor.submit("logprobs", batch_ref, T) if cfg.effective_old_logprobs == "trainer" else None
         scores, t_reward = self._scores(SequenceBatch.from_rollouts(samples + greedy))
         ref_parts, t_ref = WorkerGroup.collect(ref_sub)
         ref_lp = merge_rank_results(ref_parts, n, "ref")
@@ -143,7 +143,7 @@ class RLTrainer:
             parts, metrics["time_actor_forward"] = WorkerGroup.collect(actor_sub)
             old_lp = merge_rank_results(parts, n, "actor")
             metrics["sync_logprob_gap"] = logprob_gap(samples, old_lp)
-        else:  # one step off-policy: the ratio's denominator is the behaviour policy (the engine)
+        else:  # the behaviour policy's, from the engine (async: one step off-policy; see effective_old_logprobs)
             old_lp = [torch.tensor(r.response_logprobs, dtype=torch.float32) for r in samples]
         values = None
         if critic_sub is not None:
@@ -209,7 +209,10 @@ class RLTrainer:
         actor_sub = w.actor.submit(
             "train", exp_ref, mini_batch_size=cfg.train_batch_size, epochs=cfg.max_epochs, seed=seed,
             loss=cfg.effective_policy_loss, temperature=self.sampling.logprob_temperature, clip_eps=cfg.eps_clip,
-            entropy_coef=cfg.entropy_coef)
+            entropy_coef=cfg.entropy_coef,
+            # sampler log-probs in sync mode: the first training forward runs the weights the
+            # engine sampled with, so it measures the sync gap (async: probe_gap after the sync)
+            measure_sync_gap=not cfg.async_train and cfg.effective_old_logprobs == "sampler")
         critic_kwargs = dict(mini_batch_size=cfg.train_batch_size, epochs=cfg.max_epochs, seed=seed,
                              value_clip=cfg.value_clip if cfg.value_clip > 0 else None)
         critic_sub = w.critic.submit("train", exp_ref, **critic_kwargs) if w.critic is not None and cfg.async_train else None

@@ -137,20 +137,24 @@ class ModelWorker(DistributedWorker):
 
         lengths = exp.lengths
         sums: dict[str, float] = {}
+        first: dict[str, float] = {}
         steps = 0
         for mb in self.mini_batches(len(exp), mini_batch_size, epochs, seed):
             n_tokens = sum(exp.response_lens[i] for i in mb)
             plan = self.train_plan(mb, lengths)
             totals, grad_norm, _ = train_step(
-                self.model, plan, lambda micro: micro_loss_fn(exp, micro, n_tokens), self.optimizer, self.scheduler,
-                self.optim_spec.max_norm,
+                self.model, plan, lambda micro: micro_loss_fn(exp, micro, n_tokens, steps), self.optimizer,
+                self.scheduler, self.optim_spec.max_norm,
             )
             means = global_means(totals, n_tokens, self.env.world_size)
             means["grad_norm"] = grad_norm
             for k, v in means.items():
-                sums[k] = sums.get(k, 0.0) + v
+                if k in FIRST_STEP_STATS:
+                    first[k] = v
+                else:
+                    sums[k] = sums.get(k, 0.0) + v
             steps += 1
-        out = {k: v / max(steps, 1) for k, v in sums.items()}
+        out = {k: v / max(steps, 1) for k, v in sums.items()} | first
         out["optimizer_steps"] = steps
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -201,6 +205,9 @@ class ModelWorker(DistributedWorker):
         load_model_state(folder, self.model, self.optimizer, self.scheduler)
 
 
+FIRST_STEP_STATS = {"sync_logprob_gap"}  # read off the first optimizer step only, not averaged over steps
+
+
 def _response_micro_batch(batch, indices: Sequence[int], device):
     packed, mask = batch.packed(indices)
     return packed.to(device), mask.to(device)
@@ -229,16 +236,19 @@ class PolicyWorker(ModelWorker):
         return self._mine(out, len(batch))
 
     def train(self, exp, *, mini_batch_size: int, epochs: int, seed: int, loss: str, temperature: float,
-              clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy_coef: float = 0.0) -> dict[str, float]:
+              clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy_coef: float = 0.0,
+              measure_sync_gap: bool = False) -> dict[str, float]:
         """Policy-gradient update on an ``rl.experience.Experience``: ``loss`` "ppo" (clipped
         surrogate, ``rl.policy_losses.ppo_policy_loss``) or "reinforce" (ReMax's,
         ``reinforce_policy_loss``); minus ``entropy_coef`` x entropy. Token-level mean over each
-        mini-batch, exact under any micro-batch split."""
+        mini-batch, exact under any micro-batch split. ``measure_sync_gap``: ``old_logprobs`` are
+        the engine's for these weights; report mean |trainer - engine| log-prob over the first
+        mini-batch (its forward runs before any update) as ``sync_logprob_gap``."""
         from rl.policy_losses import ppo_policy_loss, reinforce_policy_loss
 
         world = self.env.world_size
 
-        def micro_loss(exp, micro, n_tokens):
+        def micro_loss(exp, micro, n_tokens, step):
             packed, mask = _response_micro_batch(exp, micro, self.env.device)
             out = self.model(packed, token_mask=mask, temperature=temperature, return_entropy=True)
             lp = out.log_probs[mask][None]
@@ -256,6 +266,9 @@ class PolicyWorker(ModelWorker):
             # sums over this micro-batch's tokens; global_means divides by the mini-batch's tokens
             stats = {"policy_loss": pg.detach() * share, "entropy": entropy.detach().sum()}
             stats |= {k_: v * k for k_, v in st.items() if k_ != "ratio_max"}  # token-weighted sums
+            if measure_sync_gap and step == 0:
+                old = exp.gather("old_logprobs", micro).to(lp.device)[None]
+                stats["sync_logprob_gap"] = (lp.detach() - old).abs().sum()
             return total, stats, packed.num_tokens
 
         return self._run_train(exp, mini_batch_size, epochs, seed, micro_loss)
@@ -295,7 +308,7 @@ class CriticWorker(ModelWorker):
 
         world = self.env.world_size
 
-        def micro_loss(exp, micro, n_tokens):
+        def micro_loss(exp, micro, n_tokens, step):
             packed, mask = _response_micro_batch(exp, micro, self.env.device)
             v = torch.cat(self._response_values(exp, micro, self.model(packed), mask))[None]
             ones = torch.ones_like(v, dtype=torch.bool)

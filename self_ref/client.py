@@ -6,9 +6,13 @@
 * Retries with exponential backoff (and jitter) on time-outs, dropped connections, 5xx / 429 and
   bodies that are not the JSON of a completion. Other 4xx are the caller's mistake: no retry.
 * ``score_continuations``: the log-probability of given texts as the continuation of the judge's
-  own (partial) reply, through vLLM's ``continue_final_message`` + ``prompt_logprobs``
-  extensions. Servers without them (lmdeploy) are detected on first use and the caller falls
-  back to ``top_logprobs`` of the generated tokens, then to text only.
+  own (partial) reply, through vLLM's ``continue_final_message`` extension. Single-token
+  continuations (verdict labels) are read in one request as the next token's log-probs of the
+  given ids (``logprob_token_ids``; the prompt is a prefix of what the judgement request already
+  computed, so vLLM's prefix cache serves it); otherwise one ``prompt_logprobs`` request per
+  continuation (which vLLM cannot serve from its prefix cache). Servers without these extensions
+  (lmdeploy) are detected on first use and the caller falls back to ``top_logprobs`` of the
+  generated tokens, then to text only.
 The API key is read from an environment variable and never logged.
 """
 
@@ -77,6 +81,8 @@ class OpenAIClient:
         self.backoff = backoff
         self.stats = ClientStats()
         self.supports_scoring: bool | None = None  # learned on first use
+        self.supports_token_scoring: bool | None = None  # /tokenize + logprob_token_ids (vLLM >= 0.32)
+        self._label_ids: dict[tuple[str, tuple[str, ...]], list[int] | None] = {}
         self._next = 0
         self._rng = random.Random(seed)
         self._limit = asyncio.Semaphore(concurrency)
@@ -123,8 +129,10 @@ class OpenAIClient:
     async def get(self, path: str) -> dict:
         return await self.request("GET", path, None, need_choices=False)
 
-    async def request(self, method: str, path: str, payload: dict | None, need_choices: bool) -> dict:
-        """One request to one of the servers, retrying what a retry can fix."""
+    async def request(self, method: str, path: str, payload: dict | None, need_choices: bool,
+                      root: bool = False) -> dict:
+        """One request to one of the servers, retrying what a retry can fix. ``root``: ``path``
+        is under the server's root, not its ``/v1`` API (vLLM's ``/tokenize``)."""
         last_error = "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -137,8 +145,9 @@ class OpenAIClient:
                 await asyncio.sleep(wait)
             self.stats.requests += 1
             try:
+                url = (server.base_url.removesuffix("/v1") if root else server.base_url) + path
                 async with self._limit:
-                    response = await self._http.request(method, server.base_url + path, json=payload)
+                    response = await self._http.request(method, url, json=payload)
             except httpx.TimeoutException:
                 self.stats.count("timeout")
                 last_error = f"timeout from {server.base_url}"
@@ -187,9 +196,79 @@ class OpenAIClient:
         body = await self.get("/models")
         return [m["id"] for m in body.get("data", []) if isinstance(m, dict) and m.get("id")]
 
-    async def score_continuations(self, messages: list[dict], reply_prefix: str, continuations: list[str]) -> list[float] | None:
+    async def single_token_ids(self, reply_prefix: str, continuations: list[str], tail_chars: int = 64) -> list[int] | None:
+        """Each continuation's token id when it is exactly one token after ``reply_prefix`` (None
+        otherwise, or without the server's ``/tokenize``). Tokenizers split at spaces and
+        punctuation first, so the boundary depends only on the prefix's end: its last
+        ``tail_chars`` characters are tokenized, with and without each continuation, once per
+        distinct end (the judge passes its verdict prefix's length: one lookup per run)."""
+        key = (reply_prefix[-max(tail_chars, 1):], tuple(continuations))
+        if key not in self._label_ids:
+            async def ids(text: str) -> list[int]:
+                body = await self.request("POST", "/tokenize", {"model": self.model, "prompt": text,
+                                                                "add_special_tokens": False}, need_choices=False, root=True)
+                if not isinstance(body.get("tokens"), list):
+                    raise RequestFailed("/tokenize answered without tokens", status=404)
+                return body["tokens"]
+
+            try:
+                base = await ids(key[0])
+                found = []
+                for text in continuations:
+                    full = await ids(key[0] + text)
+                    if len(full) != len(base) + 1 or full[:-1] != base:
+                        found = None
+                        break
+                    found.append(int(full[-1]))
+            except RequestFailed as e:
+                if e.status in (400, 404, 405, 422):  # no /tokenize here
+                    self.supports_token_scoring = False
+                    return None
+                raise
+            self._label_ids[key] = found if found and len(set(found)) == len(found) else None
+        return self._label_ids[key]
+
+    async def score_next_token(self, messages: list[dict], reply_prefix: str, token_ids: list[int]) -> list[float] | None:
+        """Log-probs of ``token_ids`` as the next token after ``reply_prefix`` (raw: before
+        temperature or any other processing), in one request; None when the server lacks the
+        extensions."""
+        payload = {
+            "messages": messages + [{"role": "assistant", "content": reply_prefix}],
+            "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 1, "temperature": 0.0,
+            "logprobs": True, "logprob_token_ids": token_ids, "return_tokens_as_token_ids": True,
+        }
+        try:
+            body = await self.post("/chat/completions", payload)
+        except RequestFailed as e:
+            if self.supports_token_scoring is None and e.status in (400, 422):
+                self.supports_token_scoring = False
+                return None
+            raise
+        content = ((body["choices"][0].get("logprobs") or {}).get("content") or [{}])[0]
+        found = {}
+        for entry in content.get("top_logprobs") or []:
+            token = str(entry.get("token", ""))
+            if token.startswith("token_id:"):
+                found[int(token.removeprefix("token_id:"))] = entry["logprob"]
+        if not all(i in found for i in token_ids):
+            if self.supports_token_scoring is not True:  # the server ignored the extension
+                self.supports_token_scoring = False
+                return None
+            raise RequestFailed("token scoring response without the requested log-probs")
+        self.supports_token_scoring = True
+        return [found[i] for i in token_ids]
+
+    async def score_continuations(self, messages: list[dict], reply_prefix: str, continuations: list[str],
+                                  tail_chars: int = 64) -> list[float] | None:
         """Sum of log-probs of each continuation's tokens after ``reply_prefix`` (the judge's
-        reply so far), or None when the server lacks the vLLM scoring extensions."""
+        reply so far), from the first token where they differ; None when the server lacks the
+        vLLM scoring extensions. ``tail_chars``: see ``single_token_ids``."""
+        if self.supports_token_scoring is not False:
+            ids = await self.single_token_ids(reply_prefix, continuations, tail_chars)
+            if ids is not None:
+                scores = await self.score_next_token(messages, reply_prefix, ids)
+                if scores is not None:
+                    return scores
         if self.supports_scoring is False:
             return None
         scored = []

@@ -85,7 +85,9 @@ async def _vote(client: OpenAIClient, prompts: JudgePrompts, settings: JudgeSett
     p_a, source = None, "text"
     cut = verdict_prefix_end(text, prompts)
     prefix = text[:cut] if cut is not None else text.rstrip() + "\n" + prompts.verdict_prefix
-    scores = await client.score_continuations(messages, prefix, [" " + label for label in prompts.labels])
+    # the prefix ends with the verdict prefix, which alone decides how the labels tokenize after it
+    scores = await client.score_continuations(messages, prefix, [" " + label for label in prompts.labels],
+                                              tail_chars=len(prompts.verdict_prefix))
     if scores is not None:
         p_a, source = sigmoid(scores[0] - scores[1]), "score"
     else:

@@ -189,10 +189,10 @@ def test_missing_script_fails_before_running_with_a_hint(tmp_path):
 
 
 HARNESS = """
-import signal, sys, pathlib
+import sys, pathlib
 sys.path.insert(0, {root!r})
 import demo
-signal.signal(signal.SIGTERM, demo._terminate)  # as demo.main() does
+demo.install_interrupt_handlers()  # as demo.main() does
 out = pathlib.Path({out!r})
 child = '''
 import os, subprocess, sys, time

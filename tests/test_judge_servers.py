@@ -233,3 +233,34 @@ def test_seeded_sampling_survives_prompts_over_one_step_budget(vllm_judge):
     assert prompt_tokens > MIN_BATCHED_TOKENS  # together over one step's budget: chunking would split some
     alone = post(f"{vllm_judge.base_url}/chat/completions", payload(3), 300)
     assert alone.json()["choices"][0]["message"]["content"] == responses[3].json()["choices"][0]["message"]["content"]
+
+
+def test_label_scoring_in_one_request_equals_prompt_logprobs_scoring(vllm_judge):
+    """The client scores single-token verdict labels as the next token's log-probs of their ids
+    (one request, prefix-cacheable); the same numbers as scoring each label as part of the prompt
+    (prompt_logprobs, one request each), which multi-token continuations still use."""
+    import asyncio
+
+    from self_ref.client import OpenAIClient
+
+    reply = "Response A answers the question and B does not.\nVerdict:"
+
+    async def run():
+        async with OpenAIClient(vllm_judge.base_url, "judge", concurrency=2) as fast, \
+                OpenAIClient(vllm_judge.base_url, "judge", concurrency=2) as slow:
+            slow.supports_token_scoring = False  # force the prompt_logprobs path
+            ids = await fast.single_token_ids(reply, [" A", " B"])
+            one = await fast.score_continuations(CHAT, reply, [" A", " B"])
+            two = await slow.score_continuations(CHAT, reply, [" A", " B"])
+            assert fast.supports_token_scoring is True and slow.supports_scoring is True
+            multi = await fast.single_token_ids(reply, [" A is better", " B is better"])
+            both = await fast.score_continuations(CHAT, reply, [" A is better", " B is better"])
+            return ids, one, two, multi, both, slow.stats.requests
+
+    ids, one, two, multi, both, slow_requests = asyncio.run(run())
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert one == pytest.approx(two, abs=1e-5) and one[0] != one[1]
+    assert all(lp < 0 for lp in one)
+    assert multi is None and len(both) == 2  # several tokens: scored through prompt_logprobs
+    assert slow_requests == 2  # one prompt_logprobs request per label
+    print(f"\n[finding] label log-probs {one} (next-token ids) vs {two} (prompt_logprobs)")

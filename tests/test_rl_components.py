@@ -94,6 +94,9 @@ BASE = ["--pretrain", "p", "--reward_pretrain", "r", "--prompt_data", "d"]
      "must split evenly over the 3 actor rank"),
     (BASE + ["--kl_estimator", "k4"], "--kl_estimator must be k1, k2 or k3"),
     (BASE + ["--async_train", "--policy_loss", "reinforce"], "needs the importance ratio to the behaviour policy"),
+    (BASE + ["--async_train", "--old_logprobs", "trainer"], "can only come from the sampler"),
+    (BASE + ["--weight_sync", "nccl"], "--weight_sync must be auto, object_store or broadcast"),
+    (BASE + ["--weight_sync", "broadcast", "--rollout_backend", "hf"], "needs --rollout_backend vllm"),
 ])
 def test_config_errors_are_one_clear_line(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -108,6 +111,21 @@ def test_policy_loss_and_clip_defaults_follow_the_estimator():
     assert ppo.effective_policy_loss == "ppo" and ppo.effective_reward_clip == 10.0 and ppo.effective_whiten
     remax_async = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax", "--async_train"])
     assert remax_async.effective_policy_loss == "ppo"  # the ratio to the behaviour policy is required
+    # old log-probs: the sampler's where nothing needs the trainer's (async; REINFORCE in fp32)
+    assert remax.effective_old_logprobs == "sampler" and remax_async.effective_old_logprobs == "sampler"
+    assert ppo.effective_old_logprobs == "trainer"
+    remax_bf16 = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax", "--bf16"])
+    assert remax_bf16.effective_old_logprobs == "trainer"
+
+
+def test_weight_sync_auto_broadcasts_only_with_gpus_and_vllm():
+    from rl.trainer import resolve_weight_sync
+
+    cfg = parse_config(RLConfig, BASE)
+    assert resolve_weight_sync(cfg, use_gpu=True) == "broadcast"
+    assert resolve_weight_sync(cfg, use_gpu=False) == "object_store"
+    assert resolve_weight_sync(parse_config(RLConfig, BASE + ["--rollout_backend", "hf"]), use_gpu=True) == "object_store"
+    assert resolve_weight_sync(parse_config(RLConfig, BASE + ["--weight_sync", "broadcast"]), use_gpu=False) == "broadcast"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")

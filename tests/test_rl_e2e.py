@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.synthetic_data import preference_rows, write_jsonl
-from tests.trainer_runs import run_script
+from tests.trainer_runs import flags, run_script
 from training.metrics_logger import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +55,7 @@ def rl_args(models, out: Path, algo: str, **overrides) -> list[str]:
     args = {"config": ROOT / f"configs/{algo}_tiny.yaml", "pretrain": models["sft"], "reward_pretrain": models["rm"],
             "prompt_data": models["prompts"], "logging_path": out / "log", "max_iterations": 20,
             "actor_learning_rate": 1e-3, "critic_learning_rate": 1e-3} | overrides
-    flat = []
-    for k, v in args.items():
-        if v is True:
-            flat.append(f"--{k}")
-        elif v is not False and v is not None:
-            flat += [f"--{k}", str(v)]
-    return flat
+    return flags(args)
 
 
 def run_rl(args, timeout=900):

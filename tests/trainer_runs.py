@@ -16,6 +16,11 @@ def base_args(model_dir, data, out: Path, **overrides) -> list[str]:
         "pretrain": model_dir, "dataset": data, "train_batch_size": 8, "micro_train_batch_size": 4,
         "max_len": 96, "learning_rate": 1e-3, "max_epochs": 1, "logging_path": out / "log", "seed": 3,
     } | overrides
+    return flags(args)
+
+
+def flags(args: dict) -> list[str]:
+    """``{"name": value}`` as command-line flags: ``True`` is a bare flag, ``False`` / ``None`` none."""
     flat = []
     for k, v in args.items():
         if v is True:
