@@ -12,7 +12,9 @@ of ``models/assets/tiny_chat_corpus.jsonl``. Then:
   rollouts, every other setting the same. From each run's ``metrics.jsonl``:
   memory = per group the max over rows of ``mem_<group>_mb`` (peak RSS minus the RSS before the
   model was loaded, summed over the group's ranks), added up over actor + ref + critic + reward
-  (the training side) and with ``mem_rollout_mb`` (the vLLM engine) too; time = mean
+  (the training side) and with ``mem_rollout_mb`` (the vLLM engine) too, from one extra run per
+  algorithm with glibc's mmap threshold fixed (``MEMORY_RUN_ENV``: RSS then follows live memory,
+  not the allocator's history); time = mean
   ``time_iteration`` over the steady-state iterations (after the warm-up ones, before the last:
   see ``timed_steps``), and the same mean of each stage. With ``repeats`` > 1 the runs go
   round-robin and each iteration's fastest repeat counts (the runs are seeded: iteration k is the
@@ -74,6 +76,7 @@ class RemaxVsPPOConfig:
     iterations: int = 5  # --max_iterations; timed: warmup_iterations + 1 .. iterations - 1
     warmup_iterations: int = 1
     repeats: int = 2  # runs per algorithm, round-robin; per iteration the fastest repeat counts
+    memory_runs: bool = True  # one more run per algorithm for memory, with MEMORY_RUN_ENV (see there)
     num_prompts: int = 64
     rollout_batch_size: int = 16
     n_samples_per_prompt: int = 1
@@ -194,9 +197,20 @@ def rl_flags(cfg: RemaxVsPPOConfig, algo: str, model_dir: Path, prompts: Path, l
     return argv + ["--packing_samples", "--no-bf16", "--no-gradient_checkpointing"]
 
 
-def run_rl(cfg: RemaxVsPPOConfig, algo: str, model_dir: Path, prompts: Path, run_dir: Path) -> dict:
+# glibc keeps freed heap memory and, after a large block is freed, raises its mmap threshold so
+# that later blocks of that size come from the heap too: peak RSS then grows with the allocation
+# history (seen: a ReMax actor 2.2 -> 4.2 GB over 5 identical iterations, 1.9 GB with this), not
+# with what the models hold. A fixed threshold maps every block over 64 KiB on its own and unmaps it
+# when freed, so peak RSS follows live memory. Memory runs use it; timing runs keep the default
+# (the page faults it adds would slow both algorithms).
+MEMORY_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_rl(cfg: RemaxVsPPOConfig, algo: str, model_dir: Path, prompts: Path, run_dir: Path,
+           extra_env: dict[str, str] | None = None) -> dict:
     """One ``fsdp_ppo_ray.py`` run in its own process group (its own local Ray); returns its
-    metrics rows, the parameter counts its workers reported, and its wall time."""
+    metrics rows, the parameter counts its workers reported, and its wall time. ``extra_env``
+    reaches the driver and, through the local Ray it starts, every worker."""
     from training.metrics_logger import read_metrics
 
     run_dir.mkdir(parents=True)
@@ -206,7 +220,7 @@ def run_rl(cfg: RemaxVsPPOConfig, algo: str, model_dir: Path, prompts: Path, run
     # OMP_NUM_THREADS reaches every Ray worker (Ray only sets its own when unset): the vLLM engine
     # then keeps --worker_threads torch threads like the others (unset, it drops to 1 for serving)
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-                        "OMP_NUM_THREADS": str(cfg.worker_threads)}
+                        "OMP_NUM_THREADS": str(cfg.worker_threads)} | (extra_env or {})
     t0 = time.perf_counter()
     with open(log_file, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
@@ -256,10 +270,17 @@ def time_summary(runs: list[dict], steps: list[int]) -> dict:
 
 
 def summarize_algo(algo: str, runs: list[dict], cfg: RemaxVsPPOConfig) -> dict:
-    memory = memory_summary([r for run in runs for r in run["rows"]])
+    memory_runs = [run for run in runs if run.get("memory_run")]
+    timed_runs = [run for run in runs if not run.get("memory_run")]
+    memory = memory_summary([r for run in (memory_runs or timed_runs) for r in run["rows"]])
+    default_allocator = memory_summary([r for run in timed_runs for r in run["rows"]])
+    runs = timed_runs
     last = runs[0]["rows"][-1]
     return {
-        "algo": algo, "advantage_estimator": ESTIMATORS[algo], **memory, **time_summary(runs, cfg.timed_steps),
+        "algo": algo, "advantage_estimator": ESTIMATORS[algo], **memory,
+        "memory_from": "memory run (MALLOC_MMAP_THRESHOLD_=65536)" if memory_runs else "timing runs",
+        "mem_mb_default_allocator": default_allocator["mem_mb"], "models_mb_default_allocator": default_allocator["models_mb"],
+        **time_summary(runs, cfg.timed_steps),
         "response_length": round(sum(r["response_length"] for r in runs[0]["rows"][1:]) / cfg.iterations, 1),
         "worker_parameters": runs[0]["worker_parameters"],
         "repeat_seconds_per_iteration": [time_summary([run], cfg.timed_steps)["seconds_per_iteration"] for run in runs],
@@ -404,7 +425,9 @@ def notes(cfg: RemaxVsPPOConfig, policy_parameters: int, expected_ratio: float |
         "concurrently on separate workers (reference, reward, critic, actor forward) do not overlap "
         "for free as they do on separate GPUs, and a stage's own time includes waiting for cores; "
         "ReMax adds a greedy generation per prompt and doubles the reward model's batch, PPO adds a "
-        "critic forward and a critic update",
+        "critic forward and a critic update; with its REINFORCE loss (no ratio) in fp32, ReMax also skips "
+        "the actor forward before training (--old_logprobs auto: the sampler's log-probs enter the KL, and "
+        "the sync gap is read off the first training forward), which PPO's ratio needs",
         "ReMax's sampled and greedy responses go to the engine in one generate call (they share the batch and "
         "the prompts' prefix cache): time_generate is that call",
         "rollout engines: on a GPU vLLM wins by paged attention, continuous batching, CUDA graphs and fused "
@@ -493,6 +516,12 @@ def main(argv=None):
             print(f"[{algo}] repeat {rep + 1}: {run['wall_seconds']:.0f} s wall; "
                   f"{time_summary([run], cfg.timed_steps)['seconds_per_iteration']:.2f} s/iteration, "
                   f"models {memory_summary(run['rows'])['models_mb']:,.0f} MB", flush=True)
+    if cfg.memory_runs:
+        for algo in cfg.algo_list:
+            run = run_rl(cfg, algo, model_dir, prompts, workdir / f"{algo}_memory", extra_env=MEMORY_RUN_ENV)
+            run["memory_run"] = True
+            attempts[algo].append(run)
+            print(f"[{algo}] memory run: models {memory_summary(run['rows'])['models_mb']:,.0f} MB", flush=True)
     by = {a: summarize_algo(a, runs, cfg) for a, runs in attempts.items()}
     rollout = compare_rollout_engines(cfg, model_dir) if cfg.compare_rollout else None
 
@@ -509,7 +538,9 @@ def main(argv=None):
                    f"{cfg.iterations}, the last, also runs the final evaluation); "
                    f"{cfg.repeats} repeat(s) round-robin, per iteration the fastest repeat; stage times are that repeat's"),
         "memory": ("per group max over metrics rows of mem_<group>_mb (peak RSS - RSS before the model was "
-                   "loaded, summed over ranks); models = actor + ref + critic + reward; with rollout = + vLLM engine"),
+                   "loaded, summed over ranks) in the memory run (glibc mmap threshold fixed at 64 KiB, so that "
+                   "RSS follows live memory; the timing runs' figures, with the default allocator, are kept as "
+                   "*_default_allocator); models = actor + ref + critic + reward; with rollout = + vLLM engine"),
         "model": model,
         "config": asdict(cfg) | {"pretrain": cfg.pretrain or "random Llama (built fresh)", "workdir": str(workdir)},
         "rl_flags": {a: rl_flags(cfg, a, Path("MODEL"), Path("PROMPTS"), Path("LOG")) for a in cfg.algo_list},
