@@ -270,11 +270,11 @@ def time_summary(runs: list[dict], steps: list[int]) -> dict:
 
 
 def summarize_algo(algo: str, runs: list[dict], cfg: RemaxVsPPOConfig) -> dict:
+    """Time from the timing runs; memory from the memory runs when there are any."""
     memory_runs = [run for run in runs if run.get("memory_run")]
-    timed_runs = [run for run in runs if not run.get("memory_run")]
-    memory = memory_summary([r for run in (memory_runs or timed_runs) for r in run["rows"]])
-    default_allocator = memory_summary([r for run in timed_runs for r in run["rows"]])
-    runs = timed_runs
+    runs = [run for run in runs if not run.get("memory_run")]  # the timing runs
+    memory = memory_summary([r for run in (memory_runs or runs) for r in run["rows"]])
+    default_allocator = memory_summary([r for run in runs for r in run["rows"]])
     last = runs[0]["rows"][-1]
     return {
         "algo": algo, "advantage_estimator": ESTIMATORS[algo], **memory,

@@ -403,8 +403,11 @@ class VLLMEngine(_EngineBase):
                 group.append(Rollout(list(inp["prompt_token_ids"]), ids, lps, str(o.finish_reason)))
             groups.append(group)
         self._account(groups, seconds)
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        return [groups[a:a + n] for a, n in zip(starts, sizes)]
+        out, start = [], 0
+        for n in sizes:
+            out.append(groups[start:start + n])
+            start += n
+        return out
 
     # weights ------------------------------------------------------------------------------------
 
@@ -442,7 +445,12 @@ class VLLMEngine(_EngineBase):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return self._weights_loaded(t0)
+
+    def _weights_loaded(self, t0: float) -> float:
+        """After any weight load: drop the prefix cache (its KV blocks were computed with the old
+        weights), count the update; returns the seconds since ``t0``."""
+        self.llm.reset_prefix_cache()
         seconds = time.perf_counter() - t0
         self.stats["weight_updates"] += 1
         self.stats["last_update_seconds"] = seconds
@@ -458,11 +466,7 @@ class VLLMEngine(_EngineBase):
         worker before loading, as ``update_weights`` does); returns seconds."""
         t0 = time.perf_counter()
         self.llm.collective_rpc("receive_weights", args=(self.weight_specs, self.tied_word_embeddings))
-        self.llm.reset_prefix_cache()
-        seconds = time.perf_counter() - t0
-        self.stats["weight_updates"] += 1
-        self.stats["last_update_seconds"] = seconds
-        return seconds
+        return self._weights_loaded(t0)
 
     def shutdown(self) -> None:
         """Free the engine."""

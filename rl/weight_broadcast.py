@@ -38,10 +38,6 @@ def node_ip() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 class BroadcastGroup:
     """One member of the weight group. Rank 0 calls ``open`` (it hosts the store) and every rank
     then ``join``s at the same time (joining waits for all members)."""
@@ -49,7 +45,6 @@ class BroadcastGroup:
     def __init__(self):
         self.store = None
         self.pg = None
-        self.rank = -1
         self.device = torch.device("cpu")
         self.version = 0
 
@@ -74,7 +69,6 @@ class BroadcastGroup:
             self.pg = dist.ProcessGroupGloo(dist.PrefixStore("weights", self.store), rank, world_size, TIMEOUT)
         else:
             raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
-        self.rank = rank
 
     def send(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Rank 0: publish the tensor list, then broadcast each tensor (in name order)."""
@@ -101,13 +95,6 @@ class BroadcastGroup:
         self.pg, self.store = None, None
 
 
-def check_received(items: list[tuple[str, torch.Tensor]], specs, tied_word_embeddings: bool) -> None:
-    """The engine-side check of ``rl.weight_sync.check_state_dict`` on what arrived."""
-    from rl.weight_sync import check_state_dict
-
-    check_state_dict(dict(items), specs, tied_word_embeddings)
-
-
 class WeightReceiverExtension:
     """Methods vLLM adds to each of its workers (``worker_extension_cls``); called through
     ``LLM.collective_rpc``. ``self`` is the vLLM worker (``self.rank``: its tensor-parallel rank)."""
@@ -119,7 +106,9 @@ class WeightReceiverExtension:
     def receive_weights(self, specs, tied_word_embeddings: bool) -> int:
         """Receive one full state dict, check it against the engine's checkpoint (nothing is loaded
         when it does not fit), load it. Returns the number of tensors."""
+        from rl.weight_sync import check_state_dict
+
         items = self._weight_group.receive()
-        check_received(items, specs, tied_word_embeddings)
+        check_state_dict(dict(items), specs, tied_word_embeddings)
         self.reload_weights(weights_iterator=items)
         return len(items)

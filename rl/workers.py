@@ -255,8 +255,9 @@ class PolicyWorker(ModelWorker):
             ones = torch.ones_like(lp, dtype=torch.bool)
             adv = exp.gather("advantages", micro).to(lp.device)[None]
             share = n_tokens / world  # FSDP averages gradients over ranks: see rl.policy_losses
+            gap_step = measure_sync_gap and step == 0
+            old = exp.gather("old_logprobs", micro).to(lp.device)[None] if loss == "ppo" or gap_step else None
             if loss == "ppo":
-                old = exp.gather("old_logprobs", micro).to(lp.device)[None]
                 pg, st = ppo_policy_loss(lp, old, adv, ones, clip_eps, clip_eps_high, num_tokens=share)
             else:
                 pg, st = reinforce_policy_loss(lp, adv, ones, num_tokens=share)
@@ -266,8 +267,7 @@ class PolicyWorker(ModelWorker):
             # sums over this micro-batch's tokens; global_means divides by the mini-batch's tokens
             stats = {"policy_loss": pg.detach() * share, "entropy": entropy.detach().sum()}
             stats |= {k_: v * k for k_, v in st.items() if k_ != "ratio_max"}  # token-weighted sums
-            if measure_sync_gap and step == 0:
-                old = exp.gather("old_logprobs", micro).to(lp.device)[None]
+            if gap_step:
                 stats["sync_logprob_gap"] = (lp.detach() - old).abs().sum()
             return total, stats, packed.num_tokens
 
