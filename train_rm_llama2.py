@@ -10,6 +10,10 @@ rejected responses in one forward, and its loss is scaled by its share of the gl
 accumulated gradient is that of the global mean whatever the split. Saves a plain HF
 ``AutoModelForSequenceClassification`` folder to ``--save_path``; ``--ckpt_path`` makes a killed
 run resume where it stopped with the same command.
+
+Every response is scored at its end-of-turn token: ``rlhf_data.tokenize.end_response`` ends it with
+exactly one EOS and nothing after (ChatML's trailing ``"\\n"`` dropped, EOS appended to a cut
+response), the same function RL scoring uses (``rl.trainer.reward_inputs``).
 """
 
 from __future__ import annotations

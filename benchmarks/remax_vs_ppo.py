@@ -95,6 +95,7 @@ class RemaxVsPPOConfig:
     rollout_threads: int = 2
     temperature: float = 1.0
     compare_rollout: bool = True  # --no-compare_rollout: the RL runs only
+    rollout_only: bool = False  # the vLLM vs HF rollout comparison alone (e.g. on a real --pretrain)
     workdir: str | None = None  # model, prompts, logs (default: a temporary folder)
     output: str = str(RESULTS / "remax_vs_ppo.json")
 
@@ -509,21 +510,21 @@ def main(argv=None):
     prompts = write_prompt_file(workdir / "prompts.jsonl", chat_prompts(cfg.num_prompts))
 
     attempts: dict[str, list[dict]] = {a: [] for a in cfg.algo_list}
-    for rep in range(cfg.repeats):  # round-robin: a busy spell of the machine hits both alike
+    for rep in range(0 if cfg.rollout_only else cfg.repeats):  # round-robin: a busy spell hits both alike
         for algo in cfg.algo_list:
             run = run_rl(cfg, algo, model_dir, prompts, workdir / f"{algo}_{rep}")
             attempts[algo].append(run)
             print(f"[{algo}] repeat {rep + 1}: {run['wall_seconds']:.0f} s wall; "
                   f"{time_summary([run], cfg.timed_steps)['seconds_per_iteration']:.2f} s/iteration, "
                   f"models {memory_summary(run['rows'])['models_mb']:,.0f} MB", flush=True)
-    if cfg.memory_runs:
+    if cfg.memory_runs and not cfg.rollout_only:
         for algo in cfg.algo_list:
             run = run_rl(cfg, algo, model_dir, prompts, workdir / f"{algo}_memory", extra_env=MEMORY_RUN_ENV)
             run["memory_run"] = True
             attempts[algo].append(run)
             print(f"[{algo}] memory run: models {memory_summary(run['rows'])['models_mb']:,.0f} MB", flush=True)
-    by = {a: summarize_algo(a, runs, cfg) for a, runs in attempts.items()}
-    rollout = compare_rollout_engines(cfg, model_dir) if cfg.compare_rollout else None
+    by = {a: summarize_algo(a, runs, cfg) for a, runs in attempts.items() if runs}
+    rollout = compare_rollout_engines(cfg, model_dir) if cfg.compare_rollout or cfg.rollout_only else None
 
     got = ratios(by, rollout)
     expected = expected_model_state_ratio(by)

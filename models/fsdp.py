@@ -2,8 +2,8 @@
 
 * ``shard_model``: one FSDP unit per decoder layer (HF's ``_no_split_modules``) plus the root;
   ``zero_stage`` 3 reshards parameters after forward (ZeRO-3), 2 keeps them gathered until
-  backward (ZeRO-2: sharded grads and optimizer state, fewer all-gathers); mixed precision is bf16
-  compute with fp32 master weights and fp32 gradient reduction on CUDA, plain fp32 on CPU.
+  backward (ZeRO-2: sharded grads and optimizer state, fewer all-gathers); ``bf16=True`` is bf16
+  compute with fp32 master weights, optimizer states and gradient reduction, on CUDA and on CPU.
 * ``full_state_dict`` / ``save_hf_pretrained``: gather the full weights on rank 0 and write a plain
   HF folder (``from_pretrained`` loads it with no trace of FSDP).
 * ``save_sharded`` / ``load_sharded``: every rank writes/reads its own shards of model and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -32,12 +33,37 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). Without them
+    (AVX2-only CPUs such as our 2-core development machines) oneDNN has no bf16 matmul and torch
+    falls back to slow generic kernels: benchmarks/bf16_cpu.py measured every bf16 stage there
+    several times slower than fp32 (benchmarks/results/bf16_cpu.json)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes: assume not
+        return False
+
+
+_warned_slow_bf16 = False
+
+
 def mixed_precision_policy(bf16: bool, device: torch.device) -> MixedPrecisionPolicy | None:
-    """bf16 compute, fp32 master weights and fp32 grad reduction on CUDA; None (fp32) elsewhere:
-    CPU bf16 matmuls are slow and inexact, and the CPU path exists to prove correctness."""
-    if bf16 and device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return None
+    """``bf16``: FSDP2 casts the (sharded, fp32) master weights to bf16 for forward and backward,
+    and reduces gradients in fp32 into fp32 sharded gradients, so the optimizer (and its states)
+    stays fp32. The same on CUDA and CPU (gloo all-gathers the bf16 parameters). None: plain fp32.
+
+    On CPU bf16 is a choice, never the default: a CPU without native bf16 (see
+    ``cpu_has_native_bf16``) runs it several times slower than fp32, which is warned about once."""
+    global _warned_slow_bf16
+    if not bf16:
+        return None
+    if device.type == "cpu" and not cpu_has_native_bf16() and not _warned_slow_bf16:
+        _warned_slow_bf16 = True
+        warnings.warn("--bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls run in slow generic kernels "
+                      "here, several times slower than fp32 (see benchmarks/bf16_cpu.py); drop --bf16 for speed",
+                      stacklevel=2)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:

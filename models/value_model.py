@@ -2,7 +2,9 @@
 
 Both are a plain HF ``AutoModelForSequenceClassification`` with ``num_labels=1`` (backbone + a
 bias-free linear ``score`` head), so a saved folder is an ordinary HF checkpoint: for one unpadded
-sequence ``AutoModelForSequenceClassification.from_pretrained(d)(ids).logits[0, 0]`` is our reward.
+sequence ``AutoModelForSequenceClassification.from_pretrained(d)(ids).logits[0, 0]`` is our reward,
+unless pad == eos (SmolLM2): HF then reads the last token that is not the pad id, the one before
+the final end-of-turn token, while these classes read each sample's last token by its length.
 We call the backbone and the score head ourselves so that packed rows work and so that no
 vocabulary-size logits are ever computed.
 

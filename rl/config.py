@@ -90,6 +90,7 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
     kl_estimator: str = field(default="k1", metadata={"help": "k1 | k2 | k3 (Schulman 2020)"})
     reward_clip: float = field(default=-1.0, metadata={"help": "clip RM scores (PPO) / the reward difference (critic-free); -1: 10 for gae, 5 (ReMax's) otherwise; 0: off"})
     normalize_reward: bool = field(default=False, metadata={"help": "running mean/std normalisation of RM scores"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the reward of a response that did not end with the end-of-turn token (cut at --generate_max_len); TRL's name. The RM reads such a response with the token appended (rlhf_data.tokenize.end_response), as in its training; default: no penalty"})
     whiten_advantages: bool | None = field(default=None, metadata={"help": "batch-whiten advantages (default: on for gae, off for the baselines)"})
 
     async_train: bool = field(default=False, metadata={"help": "generate rollout k+1 while training on rollout k (one step off-policy); critic and actor update concurrently"})
@@ -135,6 +136,9 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
                               "come from the sampler (--old_logprobs sampler or auto)")
         if self.vllm_num_engines < 1:
             raise ConfigError("--vllm_num_engines must be >= 1")
+        if self.missing_eos_penalty is not None and not 0 <= self.missing_eos_penalty < float("inf"):
+            raise ConfigError(f"--missing_eos_penalty must be a finite value >= 0 (it is subtracted from the reward), "
+                              f"got {self.missing_eos_penalty}")
 
     # -- derived -------------------------------------------------------------------------------
     @property

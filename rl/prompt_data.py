@@ -23,6 +23,9 @@ class PromptSet:
     messages: list[list[dict]]  # the chat turns (for logs and samples)
     truncated: int = 0
     dropped: int = 0
+    # the token that ends the assistant turn these prompts open (the tokenizer's EOS): where a
+    # reward model reads a response's score (rlhf_data.tokenize.end_response)
+    end_token_id: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -31,7 +34,7 @@ class PromptSet:
 def tokenize_prompts(rows: list[dict], tokenizer, max_len: int, overflow: str) -> PromptSet:
     """Render each row's ``message`` with the chat template; prompts over ``max_len`` tokens are
     left-truncated (keeping BOS) or dropped, and counted."""
-    out = PromptSet([], [])
+    out = PromptSet([], [], end_token_id=tokenizer.eos_token_id)
     for row in rows:
         ids = render_prompt_ids(tokenizer, row["message"])
         if len(ids) > max_len:
@@ -66,7 +69,9 @@ def load_prompt_sets(cfg, tokenizer, log=print) -> tuple[PromptSet, PromptSet]:
 
 def check_tokenizers_match(tokenizer, model_paths: list[str], flag: str) -> None:
     """The reward models (and critic) read the policy's token ids as they are: their tokenizers
-    must be the policy's (same vocabulary), else every score is of gibberish."""
+    must be the policy's (same vocabulary), else every score is of gibberish; and the same EOS,
+    the end-of-turn token a reward model was trained to read its score at (RL scores every
+    response ending with the policy's)."""
     from transformers import AutoTokenizer
 
     from training.config import ConfigError
@@ -77,6 +82,10 @@ def check_tokenizers_match(tokenizer, model_paths: list[str], flag: str) -> None
         if other.get_vocab() != vocab:
             raise ConfigError(f"{flag} {path}: its tokenizer differs from the policy's ({len(other)} vs "
                               f"{len(tokenizer)} tokens); reward models and critics must share the policy's tokenizer")
+        if other.eos_token_id != tokenizer.eos_token_id:
+            raise ConfigError(f"{flag} {path}: its EOS token {other.eos_token!r} differs from the policy's "
+                              f"{tokenizer.eos_token!r}; responses end with the policy's, so the reward model "
+                              "would read its score where it was not trained to")
 
 
 class PromptSchedule:

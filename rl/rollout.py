@@ -188,6 +188,57 @@ def actor_logprobs(
     return out  # type: ignore[return-value]
 
 
+def resolve_stop_token_ids(generation_config, model_config, tokenizer) -> list[int]:
+    """The tokens a rollout stops at (and keeps as its last token): the generation config's EOS
+    ids (else the model config's, else the tokenizer's), plus the tokenizer's EOS. The tokenizer's
+    EOS is the end-of-turn token of chat templates (ChatML's ``<|im_end|>`` in SmolLM2, where it is
+    also the pad token), the token reward models are trained to read a response's score at
+    (``rlhf_data.tokenize.end_response``), so it must stop generation even when a config omits it."""
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    eos = first(getattr(generation_config, "eos_token_id", None), getattr(model_config, "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None))
+    ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in ids:
+        ids.append(tok_eos)
+    return ids
+
+
+def model_stop_token_ids(model_dir: str, tokenizer=None) -> list[int]:
+    """``resolve_stop_token_ids`` for the model folder ``model_dir`` (its generation config may be
+    absent); ``tokenizer`` defaults to the folder's."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json
+        generation_config = None
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir)
+    return resolve_stop_token_ids(generation_config, AutoConfig.from_pretrained(model_dir), tokenizer)
+
+
+def vllm_sampling_kwargs(s: SamplingConfig, seed: int | None, stop_token_ids: Sequence[int]) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.SamplingParams`` for ``s`` (a plain dict: built and tested
+    without importing vLLM). ``stop_token_ids`` are given explicitly rather than left to vLLM's
+    reading of the generation config, so the vLLM and HF engines stop at the same tokens."""
+    return dict(
+        n=s.n,
+        temperature=0.0 if s.is_greedy else s.temperature,
+        top_p=s.top_p,
+        top_k=0 if s.top_k == -1 else s.top_k,  # vLLM: 0 = off
+        max_tokens=s.max_new_tokens,
+        min_tokens=s.min_new_tokens,
+        repetition_penalty=s.repetition_penalty,
+        seed=seed,
+        stop_token_ids=list(stop_token_ids),
+        logprobs=0,  # the sampled token's log-prob only
+        detokenize=False,  # the trainer works on ids
+    )
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -284,7 +335,7 @@ def _import_vllm():
 class VLLMEngine(_EngineBase):
     """An offline ``vllm.LLM`` in this process (or in the Ray actor that holds this object).
 
-    Without CUDA: float32, eager mode, the engine core in this process
+    Without CUDA: float32 (``dtype="auto"``; see ``models.vllm_cpu``), eager mode, the engine core in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and ``VLLM_CPU_KVCACHE_SPACE`` GiB of KV cache, both set
     only when not already in the environment. With CUDA: ``dtype`` (default bfloat16),
     ``gpu_memory_utilization`` and ``tensor_parallel_size``. Extra keyword arguments go to
@@ -323,8 +374,12 @@ class VLLMEngine(_EngineBase):
         _import_vllm()
         from vllm import LLM
 
-        if dtype == "auto":
-            dtype = "bfloat16" if self.cuda else "float32"
+        if not self.cuda:  # float32 unless asked: bfloat16 measured slower on CPU (models.vllm_cpu)
+            from models.vllm_cpu import cpu_dtype  # here: importing models loads transformers
+
+            dtype = cpu_dtype(dtype)
+        elif dtype == "auto":
+            dtype = "bfloat16"
         kwargs: dict[str, Any] = dict(
             model=self.model_dir,
             dtype=dtype,
@@ -345,6 +400,7 @@ class VLLMEngine(_EngineBase):
         self.llm = LLM(**kwargs)
         tokenizer = self.llm.get_tokenizer()
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        self.stop_token_ids = model_stop_token_ids(self.model_dir, tokenizer)
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tied_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.weight_specs = checkpoint_tensor_specs(self.model_dir)
@@ -356,18 +412,7 @@ class VLLMEngine(_EngineBase):
     def _sampling_params(self, s: SamplingConfig, seed: int | None):
         from vllm import SamplingParams
 
-        return SamplingParams(
-            n=s.n,
-            temperature=0.0 if s.is_greedy else s.temperature,
-            top_p=s.top_p,
-            top_k=0 if s.top_k == -1 else s.top_k,  # vLLM: 0 = off
-            max_tokens=s.max_new_tokens,
-            min_tokens=s.min_new_tokens,
-            repetition_penalty=s.repetition_penalty,
-            seed=seed,
-            logprobs=0,  # the sampled token's log-prob only
-            detokenize=False,  # the trainer works on ids
-        )
+        return SamplingParams(**vllm_sampling_kwargs(s, seed, self.stop_token_ids))
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
         """``sampling.n`` rollouts per prompt; all prompts go to vLLM in one ``generate`` call
@@ -545,11 +590,7 @@ class HFEngine(_EngineBase):
         def first(*values):
             return next((v for v in values if v is not None), None)
 
-        eos = first(getattr(gcfg, "eos_token_id", None), getattr(cfg, "eos_token_id", None),
-                    getattr(tokenizer, "eos_token_id", None))
-        self.eos_token_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
-        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in self.eos_token_ids:
-            self.eos_token_ids.append(tokenizer.eos_token_id)  # vLLM stops at the tokenizer's EOS too
+        self.eos_token_ids = resolve_stop_token_ids(gcfg, cfg, tokenizer)  # the same stop set as VLLMEngine
         self.bos_token_id = first(getattr(tokenizer, "bos_token_id", None), getattr(cfg, "bos_token_id", None))
         self.pad_token_id = first(getattr(gcfg, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
                                   getattr(tokenizer, "pad_token_id", None), *(self.eos_token_ids or [0]))

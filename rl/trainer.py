@@ -4,6 +4,8 @@ design). ``fit`` reads like the algorithm:
     for each rollout batch:
         generate    vLLM engines sample n responses per prompt (+ the greedy one for ReMax)
         score       reference log-probs, reward-model scores, critic values, the actor's log-probs
+                    (the RMs read each response ended as in their training: ``reward_inputs``;
+                    ``--missing_eos_penalty`` for responses cut at the length limit)
         advantages  KL-penalised rewards -> GAE (PPO) or reward - baseline (ReMax / RLOO / ...)
         update      the actor (PPO-clip or REINFORCE), the critic (clipped value loss)
         sync        the actor's new weights into the engines; log the sampler/trainer log-prob gap
@@ -23,6 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -39,6 +42,7 @@ from rl.prompt_data import PromptSchedule, PromptSet
 from rl.rollout import Rollout, SamplingConfig, flatten, logprob_gap
 from rl.running_moments import RunningMoments
 from rl.worker_group import WorkerGroup, merge_rank_results
+from rlhf_data.tokenize import end_response
 from training.checkpoint import latest_checkpoint, mark_latest
 from training.metrics_logger import MetricsLogger
 from training.progress import progress_bar
@@ -54,6 +58,38 @@ def optimizer_steps_per_iteration(cfg: RLConfig) -> int:
 def total_iterations(cfg: RLConfig, num_prompts: int) -> int:
     total = PromptSchedule(num_prompts, cfg.rollout_batch_size, cfg.num_episodes, cfg.seed).total
     return total if cfg.max_iterations < 0 else min(total, cfg.max_iterations)
+
+
+def reward_inputs(rollouts: Sequence[Rollout], end_token_id: int) -> tuple[SequenceBatch, torch.Tensor]:
+    """What the reward models read: each rollout's prompt ids + its response ended as
+    ``rlhf_data.tokenize.end_response`` ends the responses an RM is trained on (up to the first
+    end-of-turn token; the token appended to a response cut at the length limit), and a bool
+    tensor ``ended``: whether the response had the token itself. Only the reward models see the
+    appended token: the policy's log-probs, the KL and the critic's values stay over the sampled
+    tokens (``SequenceBatch.from_rollouts``)."""
+    sequences, prompt_lens, ended = [], [], []
+    for r in rollouts:
+        response, e = end_response(r.response_ids, end_token_id)
+        sequences.append(list(r.prompt_ids) + response)
+        prompt_lens.append(len(r.prompt_ids))
+        ended.append(e)
+    return SequenceBatch(sequences, prompt_lens), torch.tensor(ended, dtype=torch.bool)
+
+
+def total_reward(scores: Sequence[torch.Tensor], weights: Sequence[float], ended: torch.Tensor,
+                 missing_eos_penalty: float | None = None) -> torch.Tensor:
+    """The reward of each response from its reward models' scores ``s_k`` (``(n,)`` each):
+
+        r_i = sum_k w_k * s_k,i - p * [response i has no end-of-turn token of its own]
+
+    with ``p`` = ``--missing_eos_penalty`` (TRL's; 0 when None), subtracted once however many
+    reward models there are. Everything downstream (normalisation, clipping, baselines) sees r."""
+    total = torch.zeros(len(ended))
+    for w, s in zip(weights, scores, strict=True):
+        total += w * torch.as_tensor(s, dtype=torch.float32)
+    if missing_eos_penalty:
+        total -= missing_eos_penalty * (~ended).float()
+    return total
 
 
 @dataclass
@@ -82,6 +118,10 @@ class RLTrainer:
         self.reward_moments = RunningMoments()
         self.sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                        max_new_tokens=cfg.generate_max_len, n=cfg.n_samples_per_prompt)
+        if train.end_token_id is None:
+            raise ValueError("the prompts' tokenizer has no EOS token: responses cannot be ended for the reward "
+                             "models as they were trained (rlhf_data.tokenize.end_response)")
+        self.end_token_id = train.end_token_id
         self.iteration = 0
         self.pending: tuple | None = None  # async: the next batch's rollouts, generated before a checkpoint
         self.weight_sync = "object_store"  # resolved in open_weight_group (it needs the cluster)
@@ -109,18 +149,21 @@ class RLTrainer:
         return Generation(self._submit(prompts, samplings))
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _scores(self, batch: SequenceBatch) -> tuple[torch.Tensor, float]:
-        """Weighted sum of the reward models' scores (they run concurrently) and the seconds taken."""
+    def _scores(self, rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``total_reward`` of each rollout from the reward models (they run concurrently) over
+        ``reward_inputs`` (responses ended as in RM training); the ``ended`` flags; the seconds taken."""
         import ray
 
+        batch, ended = reward_inputs(rollouts, self.end_token_id)
         ref = ray.put(batch)
         subs = [g.submit("scores", ref) for g in self.workers.rewards]
-        total, seconds = torch.zeros(len(batch)), 0.0
-        for g, w, refs in zip(self.workers.rewards, self.cfg.reward_weight_list(), subs):
+        scores, seconds = [], 0.0
+        for g, refs in zip(self.workers.rewards, subs):
             parts, s = WorkerGroup.collect(refs)
-            total += w * torch.tensor(merge_rank_results(parts, len(batch), g.name))
+            scores.append(torch.tensor(merge_rank_results(parts, len(batch), g.name)))
             seconds = max(seconds, s)
-        return total, seconds
+        total = total_reward(scores, self.cfg.reward_weight_list(), ended, self.cfg.missing_eos_penalty)
+        return total, ended, seconds
 
     def make_experience(self, groups: list[list[Rollout]], greedy: list[Rollout]) -> tuple[Experience, dict]:
         import ray
@@ -135,7 +178,7 @@ class RLTrainer:
         ref_sub = w.ref.submit("logprobs", batch_ref, T)
         critic_sub = w.critic.submit("values", batch_ref) if w.critic is not None else None
         actor_sub = w.actor.submit("logprobs", batch_ref, T) if cfg.effective_old_logprobs == "trainer" else None
-        scores, t_reward = self._scores(SequenceBatch.from_rollouts(samples + greedy))
+        scores, ended, t_reward = self._scores(samples + greedy)
         ref_parts, t_ref = WorkerGroup.collect(ref_sub)
         ref_lp = merge_rank_results(ref_parts, n, "ref")
         metrics: dict[str, float] = {"time_reference": t_ref, "time_reward": t_reward}
@@ -151,7 +194,11 @@ class RLTrainer:
             values = merge_rank_results(parts, n, "critic")
 
         sample_scores, greedy_scores = scores[:n], scores[n:]
-        metrics |= {"reward_mean": sample_scores.mean().item(), "reward_std": sample_scores.std(unbiased=False).item()}
+        missing_eos = (~ended[:n]).float().mean().item()
+        metrics |= {"reward_mean": sample_scores.mean().item(), "reward_std": sample_scores.std(unbiased=False).item(),
+                    # responses the RMs read with an appended end-of-turn token, and what the penalty took
+                    "missing_eos_fraction": missing_eos,
+                    "missing_eos_penalty_mean": (self.cfg.missing_eos_penalty or 0.0) * missing_eos}
         if greedy:
             metrics["baseline_reward_mean"] = greedy_scores.mean().item()
         if cfg.normalize_reward:
@@ -279,9 +326,10 @@ class RLTrainer:
             return {}
         samples, _, _ = Generation(self._submit(self.eval_prompts.prompts, [self.sampling.greedy()])).resolve()
         samples = [g[0] for g in samples]
-        scores, _ = self._scores(SequenceBatch.from_rollouts(samples))
+        scores, ended, _ = self._scores(samples)
         return {"eval_reward_mean": scores.mean().item(),
-                "eval_response_length": sum(len(r.response_ids) for r in samples) / len(samples)}
+                "eval_response_length": sum(len(r.response_ids) for r in samples) / len(samples),
+                "eval_missing_eos_fraction": (~ended).float().mean().item()}
 
     def memory(self) -> dict:
         """Per group: model-attributable resident memory summed over ranks (peak RSS minus the

@@ -71,6 +71,12 @@ class ModelWorker(DistributedWorker):
     def build(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise NotImplementedError
 
+    def load_dtype(self) -> torch.dtype:
+        """bf16 weights for a frozen model under --bf16: its forward is bf16 either way (the
+        policy casts fp32 weights to the same bf16 values), at half the memory. A trainable
+        model keeps fp32 master weights."""
+        return torch.bfloat16 if self.spec.bf16 and self.optim_spec is None else torch.float32
+
     def setup(self) -> dict:
         """Load, shard (FSDP2 over the group) and, if trainable, build optimizer + schedule."""
         from models.fsdp import shard_model
@@ -219,7 +225,7 @@ class PolicyWorker(ModelWorker):
     def build(self):
         from models.actor import Actor
 
-        actor = Actor.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None)
+        actor = Actor.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=self.load_dtype())
         return actor, actor.model
 
     @torch.no_grad()
@@ -330,18 +336,30 @@ class RewardWorker(ModelWorker):
     def build(self):
         from models.value_model import RewardModel
 
-        rm = RewardModel.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None)
+        rm = RewardModel.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=self.load_dtype())
         return rm, rm.model
 
-    @torch.no_grad()
     def scores(self, batch) -> dict[int, float]:
-        out: dict[int, float] = {}
-        for micro in self.forward_plan(batch.lengths):
-            if not micro:
-                continue
-            packed, _ = _response_micro_batch(batch, micro, self.env.device)
-            out.update(zip(micro, self.model(packed).float().cpu().tolist()))
-        return self._mine(out, len(batch))
+        """``{i: score}`` for this rank's share of ``batch``: what ``score_sequences`` gives. The
+        driver sends sequences already ended as RM training ends them (``rl.trainer.reward_inputs``)."""
+        return self._mine(score_sequences(self.model, batch, self.forward_plan(batch.lengths), self.env.device),
+                          len(batch))
+
+
+@torch.no_grad()
+def score_sequences(model, batch, micro_batches: Sequence[Sequence[int]], device) -> dict[int, float]:
+    """A ``models.value_model.RewardModel``'s score of each sequence of ``batch`` (a
+    ``rl.experience.SequenceBatch``) named in ``micro_batches`` (one packed row each): the score
+    head at the sequence's last token, located by length (never by ``!= pad_token_id``, which
+    would skip an end-of-turn token where pad == eos). Pure: the reward worker's computation,
+    callable without Ray."""
+    out: dict[int, float] = {}
+    for micro in micro_batches:
+        if not micro:
+            continue
+        packed, _ = _response_micro_batch(batch, micro, device)
+        out.update(zip(micro, model(packed).float().cpu().tolist()))
+    return out
 
 
 class RolloutWorker(DistributedWorker):

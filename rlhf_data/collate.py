@@ -25,10 +25,14 @@ def layout_mask(batch: PackedBatch | PaddedBatch, per_sample: Sequence[torch.Ten
     return out
 
 
-def make_batch(sequences: Sequence[Sequence[int]], packing: bool, pad_token_id: int) -> PackedBatch | PaddedBatch:
+def make_batch(sequences: Sequence[Sequence[int]], packing: bool, pad_token_id: int | None) -> PackedBatch | PaddedBatch:
+    """Packed rows, or right padding with ``pad_token_id``. Every mask of a padded batch (attention,
+    loss, the RM's last token) comes from the sequence lengths, never from ``!= pad_token_id``: a
+    pad that is also EOS (SmolLM2: ``<|im_end|>``) ends real samples, and a mask from the pad id
+    would drop it. The pad value is therefore never read, and a tokenizer without one pads with 0."""
     if packing:
         return PackedBatch.from_sequences(sequences)
-    return PaddedBatch.from_sequences(sequences, pad_token_id)
+    return PaddedBatch.from_sequences(sequences, 0 if pad_token_id is None else pad_token_id)
 
 
 @dataclass

@@ -3,11 +3,21 @@
 The prompt is the tokenizer's chat template over ``message`` with the generation prompt; the
 response is what the template adds for one more assistant turn. Both are tokenized separately so
 the boundary (``prompt_len``) is exact, which the LM loss on response tokens and the RL masks need.
+
+**The canonical end of a scored response** (``end_response``, the one place it is decided): a
+response a reward model reads ends with exactly one end-of-turn token (the tokenizer's EOS) and
+nothing after it. Everything after the first end-of-turn token is dropped (ChatML templates put
+``"\\n"`` after ``<|im_end|>``; a sampler stops at ``<|im_end|>`` and never produces it), and a
+response without one (cut at a length limit, or a template that does not close assistant turns
+with EOS) gets it appended. Reward-model training (``tokenize_prompt_response``) and RL scoring
+(``rl.trainer.reward_inputs``) both call it, so the position an RM is trained to read its score at
+is the position RL reads it at.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from rlhf_data.errors import DataError
 
@@ -49,14 +59,42 @@ def render_prompt_ids(tokenizer, message: list[dict]) -> list[int]:
     return list(ids)
 
 
+def end_of_turn(ids: Sequence[int], end_token_id: int) -> int | None:
+    """Length of ``ids`` up to and including its first ``end_token_id``; None when absent."""
+    for i, t in enumerate(ids):
+        if t == end_token_id:
+            return i + 1
+    return None
+
+
+def end_response(response_ids: Sequence[int], end_token_id: int) -> tuple[list[int], bool]:
+    """The canonical end of a scored response: ``(ids, ended)``.
+
+    ``ids`` are ``response_ids`` up to and including the first ``end_token_id``, or, when there is
+    none, ``response_ids + [end_token_id]``; ``ended`` says whether the response had the token
+    itself (False: it was cut, or the template does not end assistant turns with it; RL's
+    ``--missing_eos_penalty`` applies to those). The policy's log-probs are never computed over an
+    appended token: only reward models read these ids.
+    """
+    if end_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; a scored response must end with an end-of-turn token")
+    ids = [int(t) for t in response_ids]
+    end = end_of_turn(ids, end_token_id)
+    if end is not None:
+        return ids[:end], True
+    return ids + [int(end_token_id)], False
+
+
 def tokenize_prompt_response(
     tokenizer, message: list[dict], response: str, max_len: int, source: str = "", row: int = 0
 ) -> TokenizedSample:
-    """Token ids of prompt + response, at most ``max_len``, always ending with EOS.
+    """Token ids of prompt + response, at most ``max_len``, the response ending as
+    ``end_response`` defines (one EOS, nothing after it).
 
     Truncation: first drop prompt tokens from the left (keeping a leading BOS) down to half of
-    ``max_len``; if still too long, cut the response from the right and make its last token EOS,
-    so a reward model still reads its score at an end-of-response token.
+    ``max_len``; if still too long, cut the response from the right and end it with EOS again
+    (``end_response`` of the cut tokens), so a reward model reads a cut response exactly as RL
+    scores a response cut at its length limit.
     """
     prompt, response_text = render_chat(tokenizer, message, response)
     eos = tokenizer.eos_token_id
@@ -64,8 +102,7 @@ def tokenize_prompt_response(
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if not response_ids:
         raise DataError(source, row, "response", "renders to no tokens")
-    if response_ids[-1] != eos:
-        response_ids = response_ids + [eos]  # templates that do not close assistant turns with EOS
+    response_ids, _ = end_response(response_ids, eos)
 
     truncated = len(prompt_ids) + len(response_ids) > max_len
     if truncated:
@@ -76,7 +113,7 @@ def tokenize_prompt_response(
             prompt_ids = ([prompt_ids[0]] if keep_bos else []) + tail
         room = max_len - len(prompt_ids)
         if len(response_ids) > room:
-            response_ids = response_ids[: room - 1] + [eos]
+            response_ids, _ = end_response(response_ids[: room - 1], eos)
     return TokenizedSample(prompt_ids + response_ids, len(prompt_ids), truncated)
 
 
@@ -116,9 +153,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, source:
     """Chat-templated ids of a whole conversation with a mask selecting what the assistant says.
 
     The template is rendered turn by turn: the text before each assistant turn (its header
-    included, via ``add_generation_prompt``) is context, the text the turn adds is trained on. Each
-    piece is tokenized on its own so the mask follows the text exactly. Longer than ``max_len``:
-    cut from the right (the first turns are kept).
+    included, via ``add_generation_prompt``) is context, the text the turn adds is trained on up to
+    and including its end-of-turn token (EOS); what the template puts after that token (ChatML's
+    ``"\\n"``) is context, as a sampler stops at the token and never produces it. The mask is
+    computed from positions, never from ``!= pad_token_id`` (which would drop the end-of-turn
+    token where pad == eos, as in SmolLM2). Each piece is tokenized on its own so the mask follows
+    the text exactly. Longer than ``max_len``: cut from the right (the first turns are kept).
     """
     ids: list[int] = []
     mask: list[bool] = []
@@ -129,10 +169,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, source:
         context, reply = render_chat(tokenizer, messages[:i], turn["content"])
         if not context.startswith(rendered):
             raise DataError(source, row, f"messages[{i}]", "the chat template re-renders earlier turns differently; cannot mask per turn")
-        for text, trained in ((context[len(rendered):], False), (reply, True)):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            mask += [trained] * len(piece)
+        context_ids = tokenizer(context[len(rendered):], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        end = end_of_turn(reply_ids, tokenizer.eos_token_id)
+        trained = len(reply_ids) if end is None else end  # no EOS in the turn: all of it, as before
+        ids += context_ids + reply_ids
+        mask += [False] * len(context_ids) + [True] * trained + [False] * (len(reply_ids) - trained)
         rendered = context + reply
     truncated = len(ids) > max_len
     return TokenizedConversation(ids[:max_len], mask[:max_len], truncated)

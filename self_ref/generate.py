@@ -49,7 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from models.vllm_cpu import cpu_scheduler_kwargs
+from models.vllm_cpu import cpu_dtype, cpu_scheduler_kwargs
 from self_ref.client import OpenAIClient, RequestFailed
 from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from rlhf_data import load_rows, validate_prompt
@@ -82,7 +82,8 @@ class GenerateConfig:
     max_resample: int = field(default=3, metadata={"help": "extra tries for a prompt that got a blank response"})
     # vllm backend
     max_model_len: int | None = field(default=None, metadata={"help": "vLLM context (default: prompt_max_len + max_new_tokens)"})
-    dtype: str = field(default="auto", metadata={"help": "vLLM dtype (auto: float32 without CUDA, else the model's)"})
+    dtype: str = field(default="auto", metadata={"help": "vLLM dtype: auto (the model's with CUDA; float32 without, where "
+                                                        "bfloat16 runs but was measured slower: models/vllm_cpu.py) | float32 | bfloat16"})
     enforce_eager: bool | None = field(default=None, metadata={"help": "no CUDA graphs / compilation (default: on without CUDA)"})
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -208,31 +209,38 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def run_vllm(cfg: GenerateConfig, jobs: list[Job], results: Results) -> None:
-    cuda = _cuda_available()
-    if not cuda:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fast start
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizing fails on small machines
-    tokenizer = load_tokenizer(cfg.pretrain)
+# Reusable pieces of the vllm backend (self_ref.compare_policies builds its greedy engine with them).
+
+
+def vllm_lengths(cfg: GenerateConfig) -> tuple[int, int]:
+    """(the engine's max_model_len, the prompt token budget) for ``cfg``."""
     max_model_len = cfg.max_model_len or cfg.prompt_max_len + cfg.max_new_tokens
     prompt_budget = min(cfg.prompt_max_len, max_model_len - cfg.max_new_tokens)
     if prompt_budget < 1:
         raise ConfigError(f"--max_model_len {max_model_len} leaves no room for a prompt after "
                           f"--max_new_tokens {cfg.max_new_tokens}")
-    for job in jobs:
-        ids = render_prompt_ids(tokenizer, job.message)
-        if len(ids) > prompt_budget:
-            ids = ids[-prompt_budget:]  # left truncation: keep the end of the prompt and the generation prompt
-            results.counts["truncated"] += 1
-        job.prompt_ids = ids
-    if not jobs:
-        return
+    return max_model_len, prompt_budget
 
-    from vllm import LLM, SamplingParams
 
-    llm = LLM(
+def render_truncated(tokenizer, message: list[dict], prompt_budget: int) -> tuple[list[int], bool]:
+    """The chat-templated prompt ids, left-truncated to ``prompt_budget``; True when cut."""
+    ids = render_prompt_ids(tokenizer, message)
+    if len(ids) > prompt_budget:
+        return ids[-prompt_budget:], True  # left truncation: keep the end of the prompt and the generation prompt
+    return ids, False
+
+
+def make_vllm_engine(cfg: GenerateConfig, max_model_len: int):
+    """An offline ``vllm.LLM`` on ``cfg.pretrain`` with this machine's settings (see the module doc)."""
+    cuda = _cuda_available()
+    if not cuda:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fast start
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizing fails on small machines
+    from vllm import LLM
+
+    return LLM(
         model=cfg.pretrain,
-        dtype=cfg.dtype if (cuda or cfg.dtype != "auto") else "float32",
+        dtype=cfg.dtype if cuda else cpu_dtype(cfg.dtype),  # CPU: float32 unless asked (models.vllm_cpu)
         enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not cuda,
         seed=cfg.seed,
         max_model_len=max_model_len,
@@ -240,6 +248,20 @@ def run_vllm(cfg: GenerateConfig, jobs: list[Job], results: Results) -> None:
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         **({} if cuda else cpu_scheduler_kwargs(max_model_len)),  # seeded sampling on CPU: see models.vllm_cpu
     )
+
+
+def run_vllm(cfg: GenerateConfig, jobs: list[Job], results: Results) -> None:
+    tokenizer = load_tokenizer(cfg.pretrain)
+    max_model_len, prompt_budget = vllm_lengths(cfg)
+    for job in jobs:
+        job.prompt_ids, truncated = render_truncated(tokenizer, job.message, prompt_budget)
+        results.counts["truncated"] += truncated
+    if not jobs:
+        return
+
+    from vllm import SamplingParams
+
+    llm = make_vllm_engine(cfg, max_model_len)
 
     def params(job: Job) -> SamplingParams:
         n = job.missing

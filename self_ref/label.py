@@ -2,6 +2,11 @@
 
     python -m self_ref.label --input pairs.jsonl --output prefs.jsonl \
         --base_url http://127.0.0.1:10080/v1,http://127.0.0.1:10081/v1 --model llama2 --num_votes 4
+    python -m self_ref.label --config configs/judge_small.yaml --input ... --output ... --model judge
+
+The judge's method (mode, prompts, critique length, votes, verdict scoring, position-bias
+correction) is the same set of flags as ``python -m self_ref.evaluate`` (``JudgeFlags``), so a
+method measured there labels the same way here; ``configs/judge_*.yaml`` hold measured sets.
 
 Input rows: ``message`` (a string or chat turns ending with a user turn) and ``responses`` (two
 strings); keys are flags. Output: one row per labelled pair, in the schema ``train_rm_llama2.py``
@@ -29,15 +34,14 @@ from rlhf_data import load_rows
 from rlhf_data.schema import validate_response_pair
 from self_ref.client import OpenAIClient, RequestFailed
 from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
-from self_ref.judge import JudgeSettings, judge_pair, preference_row
-from self_ref.prompts import JudgePrompts
+from self_ref.judge import MODES, JudgeFlags, judge_pair, preference_row
 from training.cli import run_cli
 from training.config import ConfigError, parse_config
 from training.progress import progress_bar
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(JudgeFlags):
     """Label response pairs with a self-reference judge."""
 
     input: str = field(default="", metadata={"help": "pairs file(s): jsonl/json/parquet with message + responses"})
@@ -46,36 +50,27 @@ class LabelConfig:
     base_url: str = field(default="http://127.0.0.1:23333/v1", metadata={"help": "comma-separated OpenAI-compatible base URLs"})
     model: str = field(default="", metadata={"help": "model name served by the judge server(s)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
-    prompts: str | None = field(default=None, metadata={"help": "prompt templates YAML (default configs/self_ref_prompts.yaml)"})
     message_key: str = "message"
     responses_key: str = "responses"
-    num_votes: int = field(default=2, metadata={"help": "judgements per pair, orders alternating (even: balanced)"})
+    mode: str = field(default="self_reference", metadata={"help": "self_reference (own answer first) | direct (the paper's baseline)"})
     min_agreement: float = field(default=0.75, metadata={"help": "reject pairs whose votes agree less than this (2 votes: both orders must agree; 4: 3 of 4)"})
-    temperature: float = 0.0
-    max_tokens: int = field(default=512, metadata={"help": "max tokens of a judgement"})
-    reference_max_tokens: int = field(default=512, metadata={"help": "max tokens of the judge's own answer"})
-    max_parse_retries: int = 2
     concurrency: int = field(default=16, metadata={"help": "pairs in flight"})
     timeout: float = field(default=120.0, metadata={"help": "seconds per request"})
     max_retries: int = field(default=5, metadata={"help": "retries per request (timeouts, 5xx, dropped connections)"})
     skip_bad_rows: bool = False
     limit: int = field(default=-1, metadata={"help": "label at most N pairs of the input (-1: all)"})
-    seed: int = 0
 
     def __post_init__(self):
         if not self.input or not self.output or not self.model:
             raise ConfigError("--input, --output and --model are required")
-        if self.num_votes < 1:
-            raise ConfigError("--num_votes must be >= 1")
+        self.check_judge_flags()
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 async def label_all(cfg: LabelConfig, items: list[dict], out: AppendOnlyJsonl, rejects: AppendOnlyJsonl) -> dict:
-    prompts = JudgePrompts.load(cfg.prompts)
-    settings = JudgeSettings(
-        num_votes=cfg.num_votes, min_agreement=cfg.min_agreement, temperature=cfg.temperature,
-        max_tokens=cfg.max_tokens, reference_max_tokens=cfg.reference_max_tokens,
-        max_parse_retries=cfg.max_parse_retries, seed=cfg.seed,
-    )
+    prompts = cfg.load_prompts()
+    settings = cfg.judge_settings(cfg.mode, cfg.min_agreement)
     counts: Counter = Counter()
     agreements: list[float] = []
     sources: Counter = Counter()

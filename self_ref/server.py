@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from models.vllm_cpu import cpu_server_args
+from models.vllm_cpu import cpu_dtype, cpu_server_args
 
 HOST = "127.0.0.1"
 
@@ -95,8 +95,11 @@ class VLLMServer:
     def __init__(self, model_dir: str | os.PathLike, port: int | None = None, served_model_name: str = "judge",
                  log_path: str | os.PathLike | None = None, max_model_len: int = 2048,
                  startup_timeout: float = 240.0, extra_args: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, dtype: str = "auto"):
         self.model_dir = str(model_dir)
+        # "auto": float32, the CPU rule of models.vllm_cpu (bfloat16 measured slower there); this
+        # launcher serves CPU judges (GPU judges are usually lmdeploy: see README)
+        self.dtype = cpu_dtype(dtype)
         self.port = port or free_port()
         self.model = served_model_name
         self.base_url = f"http://{HOST}:{self.port}/v1"
@@ -117,7 +120,7 @@ class VLLMServer:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_dir, "--host", HOST, "--port", str(self.port),
-            "--dtype", "float32", "--max-model-len", str(self.max_model_len),
+            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
             "--served-model-name", self.model, "--seed", "0",
             *cpu_server_args(self.max_model_len),  # the judge's seeded retries: see models.vllm_cpu
             *self.extra_args,

@@ -9,11 +9,29 @@ mapping a swapped order back. With verdict-token log-probabilities,
 read at the verdict label (both labels scored in the same context); in a swapped vote
 ``p_first = 1 - p(A)``. Without log-probs a parsed verdict gives ``p_first`` of 1 or 0.
 
-Aggregation over the votes (orders alternate, so position bias cancels in the mean):
+Aggregation over the votes (orders alternate, so position bias cancels in the mean), with
+``method="mean_prob"`` (the default)
 
     p = mean_k p_first_k                  probability that response 1 is better
-    chosen = 1 if p >= 0.5 else 2;  strength s = max(p, 1 - p)  in [0.5, 1]
+
+or ``method="log_odds"`` (a product of the votes' odds; a vote's log-odds clipped to +-MAX_MARGIN)
+
+    p = sigmoid(mean_k logit(p_first_k))
+
+and then
+
+    chosen = 1 if p > 0.5 else 2;  strength s = max(p, 1 - p)  in [0.5, 1]
     margin = log(s / (1 - s))             log-odds, clipped to [0, MAX_MARGIN]
+
+Position-bias correction (``debias_votes``): a judge that favours the first slot adds the same
+log-odds b to label A whatever it is shown, logit p_a = b + d, where d is what the pair's contents
+say (+d in the order A/B, -d in B/A). With both orders judged, the pair's own estimate of b is the
+mean of the two orders' mean log-odds,
+
+    b = (mean_{A/B votes} logit p_a + mean_{B/A votes} logit p_a) / 2
+
+and each vote is corrected to p_a' = sigmoid(logit p_a - b). With one vote per order both votes
+then agree by construction, so position consistency is measured on the raw votes.
 
 The margin is the Bradley-Terry reward gap that would give probability s
 (sigmoid(margin) = s), which is exactly what the RM loss with ``--use_margin`` asks the reward
@@ -73,11 +91,40 @@ def margin_from_strength(strength: float, max_margin: float = MAX_MARGIN) -> flo
     return min(math.log(s / (1.0 - s)), max_margin)
 
 
-def aggregate_votes(votes: list[Vote], min_agreement: float = 0.5) -> Preference:
+def logit(p: float, clip: float = MAX_MARGIN) -> float:
+    """log(p / (1 - p)), clipped to [-clip, clip] (a text-only vote has p = 0 or 1)."""
+    if p <= 0.0:
+        return -clip
+    if p >= 1.0:
+        return clip
+    return max(-clip, min(clip, math.log(p) - math.log1p(-p)))
+
+
+def debias_votes(votes: list[Vote]) -> list[Vote]:
+    """The votes with the pair's position bias removed from their log-odds (module docstring);
+    unchanged unless both orders have votes with a probability of label A."""
+    scored = [v for v in votes if v.p_a is not None]
+    ab = [logit(v.p_a) for v in scored if not v.swapped]
+    ba = [logit(v.p_a) for v in scored if v.swapped]
+    if not ab or not ba:
+        return list(votes)
+    bias = (sum(ab) / len(ab) + sum(ba) / len(ba)) / 2
+    return [Vote(v.swapped, v.verdict, sigmoid(logit(v.p_a) - bias)) if v.p_a is not None else v for v in votes]
+
+
+AGGREGATES = ("mean_prob", "log_odds")
+
+
+def aggregate_votes(votes: list[Vote], min_agreement: float = 0.5, method: str = "mean_prob") -> Preference:
     counted = [v.p_first for v in votes if v.p_first is not None]
+    if method not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {method!r}; expected one of {', '.join(AGGREGATES)}")
     if not counted:
         return Preference(None, 0.5, 0.5, 0.0, 0.0, 0, "no usable vote")
-    p = sum(counted) / len(counted)
+    if method == "log_odds":
+        p = sigmoid(sum(logit(q) for q in counted) / len(counted))
+    else:
+        p = sum(counted) / len(counted)
     if p == 0.5:
         return Preference(None, p, 0.5, 0.0, 0.5, len(counted), "tie")
     chosen = 0 if p > 0.5 else 1

@@ -1,5 +1,6 @@
 """Run under torchrun by test_fsdp.py: a few FSDP2 training steps of the actor and the reward
-model on a fixed global batch, then full and sharded saves, a sharded reload and one more step."""
+model on a fixed global batch, then full and sharded saves, a sharded reload and one more step.
+``--bf16``: the same under the bf16 mixed-precision policy (test_bf16.py)."""
 
 import argparse
 import json
@@ -20,7 +21,7 @@ from tests.fsdp_reference import actor_step, global_batch, make_optimizer, rewar
 def build(kind, model_dir, args, env, optimizer):
     torch.manual_seed(0)  # the fresh reward head is drawn from the RNG: same on every rank
     head = Actor.from_pretrained(model_dir) if kind == "actor" else RewardModel.from_pretrained(model_dir)
-    shard_model(head, zero_stage=args.zero_stage, device=env.device,
+    shard_model(head, zero_stage=args.zero_stage, device=env.device, bf16=args.bf16,
                 gradient_checkpointing=args.gradient_checkpointing, hf_model=head.model)
     head.train()
     return head, make_optimizer(head, optimizer)
@@ -33,6 +34,7 @@ def main():
     p.add_argument("--zero_stage", type=int, default=3)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
     args = p.parse_args()
     env = init_distributed()
     out = Path(args.out)

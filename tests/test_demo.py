@@ -33,11 +33,12 @@ def test_force_accepts_all_names_and_nothing():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are tiny, sft, generate, label, rm, rl (or all)"),
+    (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are model, sft, generate, judge, label, rm, rl, compare (or all)"),
     (["--force", "all,rm"], "unknown stage(s) all"),
-    (["--until", "ppo"], "--until must be one of tiny, sft, generate, label, rm, rl, got 'ppo'"),
+    (["--until", "ppo"], "--until must be one of model, sft, generate, judge, label, rm, rl, compare, got 'ppo'"),
     (["--algo", "dpo"], "--algo must be one of remax, ppo, got 'dpo'"),
     (["--prompts", "no/such/prompts.jsonl"], "--prompts no/such/prompts.jsonl: no such file"),
+    (["--model", "gpt2"], "--model must be one of smollm2, tiny, got 'gpt2'"),
 ])
 def test_bad_options_name_the_flag(argv, message):
     with pytest.raises(ConfigError) as e:
@@ -45,29 +46,42 @@ def test_bad_options_name_the_flag(argv, message):
     assert message in str(e.value)
 
 
-def test_stage_commands_follow_the_algorithm(tmp_path):
-    remax = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, []), tmp_path)}
-    ppo = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--algo", "ppo"]), tmp_path)}
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_stage_commands_follow_the_algorithm(tmp_path, model):
+    remax = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--model", model]), tmp_path)}
+    ppo = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", "ppo"]), tmp_path)}
     assert list(remax) == list(demo.STAGE_NAMES)
     assert all(s.command[0] == PY for s in remax.values())
     rl = remax["rl"].command
-    assert rl[1:4] == ["fsdp_ppo_ray.py", "--config", "configs/remax_tiny.yaml"] and "--advantage_estimator" not in rl
-    assert ppo["rl"].command[1:4] == ["fsdp_ppo_ray.py", "--config", "configs/ppo_tiny.yaml"]
+    assert rl[1:4] == ["fsdp_ppo_ray.py", "--config", f"configs/remax_{model}.yaml"] and "--advantage_estimator" not in rl
+    assert ppo["rl"].command[1:4] == ["fsdp_ppo_ray.py", "--config", f"configs/ppo_{model}.yaml"]
     assert ppo["rl"].command[-2:] == ["--advantage_estimator", "gae"]
     for flag, value in [("--reward_pretrain", tmp_path / "rm"), ("--save_path", tmp_path / "policy"),
                         ("--logging_path", tmp_path / "logs" / "rl"), ("--ckpt_path", tmp_path / "ckpt" / "rl")]:
         assert rl[rl.index(flag) + 1] == str(value)
-    # the labeller talks to the server the stage starts
-    label = remax["label"]
-    assert label.server is not None and label.server.port == 23333
-    assert label.command[label.command.index("--base_url") + 1] == label.server.base_url
-    assert label.command[label.command.index("--model") + 1] == label.server.model
+    # judge and label talk to the one server they share (kept up between them)
+    for name in ("judge", "label"):
+        stage = remax[name]
+        assert stage.server is remax["judge"].server and stage.server.port == 23333
+        assert stage.command[stage.command.index("--base_url") + 1] == stage.server.base_url
+        assert stage.command[stage.command.index("--model") + 1] == stage.server.model
+    # a random tiny model cannot judge as it ships: its SFT policy does; the real model judges as shipped
+    judge_dir = remax["judge"].server.model_dir
+    assert judge_dir == (str(tmp_path / "sft") if model == "tiny" else str(demo.from_root(demo.PACKAGED_MODEL_DIR)))
+    # compare starts the same judge itself, after generating, with the same judge settings as label
+    compare, label = remax["compare"].command, remax["label"].command
+    assert remax["compare"].server is None
+    assert compare[compare.index("--judge") + 1] == judge_dir and compare[compare.index("--judge_port") + 1] == "23333"
+    assert compare[compare.index("--policy_a") + 1] == str(tmp_path / "policy")
+    assert compare[compare.index("--policy_b") + 1] == str(tmp_path / "sft")
+    if model == "smollm2":
+        assert compare[compare.index("--judge_config") + 1] == label[label.index("--config") + 1] == "configs/judge_small.yaml"
     rm = remax["rm"].command
     assert "--packing_samples" in rm and "--eval_split" in rm and rm[rm.index("--nproc_per_node") + 1] == "2"
     # every config and data file a stage names is in the repository
     for stage in remax.values():
         for arg in stage.command:
-            if arg.startswith(("configs/", "models/assets/")):
+            if arg.startswith(("configs/", "models/assets/", "data/")):
                 assert (demo.ROOT / arg).is_file(), arg
 
 
@@ -283,7 +297,8 @@ def test_summary_reads_the_artefacts(tmp_path):
         {"step": 2, "reward_mean": -1.0, "kl": 0.25, "eval_reward_mean": -0.5},
     ]))
     results = [demo.StageResult(n, "ran", 1.0, None) for n in demo.STAGE_NAMES]
-    table = demo.summary_table(results, out, parse_config(DemoConfig, []), 6.0)
+    tiny = parse_config(DemoConfig, ["--model", "tiny"])
+    table = demo.summary_table(results, out, tiny, 6.0)
     assert f"3 kept, 1 rejected -> {prefs}" in table
     assert "0.62 mean vote agreement; the orders A/B and B/A agreed on 1 of 4 pairs" in table
     assert "0.750 on 4 held-out pairs (step 8)" in table
@@ -291,16 +306,35 @@ def test_summary_reads_the_artefacts(tmp_path):
     assert "-1.5000 -> -1.0000 (sampled; step 1 -> 2)" in table
     assert "0.25000 (last step)" in table
     assert "carry no meaning" in table
+    assert "judge_eval.json has no 'modes'" in table  # no judge_eval.json: said, not skipped
+
+    # the judge on the truth set and the judged comparison, as self_ref.evaluate / compare_policies write them
+    est = lambda v, n: {"value": v, "low": v - 0.1, "high": v + 0.1, "n": n}  # noqa: E731
+    (out / "judge_eval.json").write_text(json.dumps({"modes": {
+        "self_reference": {"accuracy": est(0.67, 42), "consistency": {"value": float("nan"), "low": 0, "high": 1, "n": 0}},
+        "direct": {"accuracy": est(0.5, 42), "consistency": est(0.25, 42)}}}))
+    (out / "compare").mkdir()
+    side = lambda r, n, cut: {"reward": est(r, 40), "length_tokens": est(n, 40), "cut_at_max": est(cut, 40)}  # noqa: E731
+    (out / "compare" / "summary.json").write_text(json.dumps({
+        "name_a": "remax", "name_b": "sft", "n": 40, "wins": 12, "ties": 10, "losses": 18, "win_rate": est(0.4, 40),
+        "a": side(1.2, 50.0, 0.1), "b": side(1.0, 40.0, 0.05),
+        "examples": [{"prompt": "Name a colour.", "response_a": "Blue.", "response_b": "Red is one."}]}))
+    table = demo.summary_table(results, out, tiny, 6.0)
+    assert "accuracy 0.67 [0.57, 0.77] on 42 truth-set pairs, one response per request" in table
+    assert "accuracy 0.50 [0.40, 0.60] on 42 truth-set pairs, orders agree 0.25 [0.15, 0.35]" in table
+    assert "0.40 [0.30, 0.50] (12 wins, 10 ties, 18 losses on 40 held-out prompts)" in table
+    assert "sft 1.000 -> remax 1.200 (greedy)" in table and "sft 40.0 -> remax 50.0; cut at max 5% -> 10%" in table
+    assert "prompt: Name a colour." in table and "remax: Blue." in table and "sft: Red is one." in table
 
     # a metrics file without the contract's keys is reported, not skipped
     (out / "logs" / "rl" / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward_mean": 1.0}) + "\n")
-    table = demo.summary_table(results, out, parse_config(DemoConfig, []), 6.0)
+    table = demo.summary_table(results, out, tiny, 6.0)
     assert "missing: the first and last rows of" in table and "need 'eval_reward_mean'" in table
     assert "has no 'kl'" in table
 
     # stages this invocation did not reach report nothing from (possibly stale) files
-    partial = [demo.StageResult(n, "ran" if n in ("tiny", "sft") else "not run", None, None) for n in demo.STAGE_NAMES]
-    table = demo.summary_table(partial, out, parse_config(DemoConfig, []), 1.0)
+    partial = [demo.StageResult(n, "ran" if n in ("model", "sft") else "not run", None, None) for n in demo.STAGE_NAMES]
+    table = demo.summary_table(partial, out, tiny, 1.0)
     assert "- (label not run)" in table and "- (rm not run)" in table and "- (rl not run)" in table
 
 
@@ -325,5 +359,44 @@ def test_stage_environment_reaches_the_command_and_its_printed_line(tmp_path):
     assert (tmp_path / "threads.txt").read_text() == "1"
     line = f"$ OMP_NUM_THREADS=1 OUT_FILE={tmp_path / 'threads.txt'} {PY} -c "
     assert line in stream.getvalue() and (tmp_path / "logs" / "env.log").read_text().startswith(line)
-    sft = next(s for s in demo.build_stages(parse_config(DemoConfig, []), tmp_path) if s.name == "sft")
+    sft = next(s for s in demo.build_stages(parse_config(DemoConfig, ["--model", "tiny"]), tmp_path) if s.name == "sft")
     assert sft.env == {"OMP_NUM_THREADS": "1"} and sft.shell_command().startswith(f"OMP_NUM_THREADS=1 {PY} train_sft.py")
+
+
+def test_report_plots_what_the_metrics_files_hold(tmp_path):
+    """reports.demo_report: a PNG per stage with metrics, the calibration plot from judge_eval.json,
+    the summary and the judged comparison in report.md; a missing stage is said, not skipped."""
+    from PIL import Image
+
+    from reports.demo_report import write_report
+
+    (tmp_path / "logs" / "rm").mkdir(parents=True)
+    (tmp_path / "logs" / "rm" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 1.0 / s, "acc": 0.5 + s / 20}) + "\n" for s in range(1, 6)))
+    (tmp_path / "logs" / "rl").mkdir()
+    (tmp_path / "logs" / "rl" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward_mean": s * 0.1, "kl": s * 0.01, "response_length": 40 + s}) + "\n"
+        for s in range(1, 4)))
+    est = {"value": 0.7, "low": 0.55, "high": 0.82, "n": 42}
+    bucket = [{"low": 0.5, "high": 0.75, "n": 20, "mean_strength": 0.6, "accuracy": {**est, "n": 20}},
+              {"low": 0.75, "high": 1.0, "n": 22, "mean_strength": 0.9, "accuracy": {**est, "value": 0.8, "n": 22}}]
+    (tmp_path / "judge_eval.json").write_text(json.dumps({"input": "truth.jsonl", "modes": {
+        "self_reference": {"accuracy": est, "consistency": None, "accuracy_decided": est, "calibration": bucket},
+        "direct": {"accuracy": {**est, "value": 0.6}, "consistency": None, "accuracy_decided": est,
+                   "calibration": bucket}}}))
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "summary.json").write_text(json.dumps({
+        "name_a": "remax", "name_b": "sft", "win_rate": est,
+        "examples": [{"prompt": "What is 2+2?", "response_a": "4.", "response_b": "Four, I think."}]}))
+    (tmp_path / "summary.txt").write_text("judge (self_reference)  accuracy 0.70\n")
+
+    report = write_report(tmp_path)
+    text = report.read_text()
+    for png in ("rm.png", "rl.png", "judge_calibration.png"):
+        assert f"](report/{png})" in text
+        with Image.open(tmp_path / "report" / png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    assert not (tmp_path / "report" / "sft.png").exists() and "no metrics at logs/sft/metrics.jsonl" in text
+    assert "| self_reference | 0.700 [0.550, 0.820] (n=42) |" in text
+    assert "judge (self_reference)  accuracy 0.70" in text
+    assert "**Prompt:** What is 2+2?" in text and "- *remax*: 4." in text and "- *sft*: Four, I think." in text

@@ -80,6 +80,19 @@ def test_prompts_over_the_limit_are_truncated_or_dropped_and_counted(tiny_model_
     assert kept.prompts[1][0] == tok.bos_token_id or tok.bos_token_id is None  # BOS survives left truncation
     dropped = tokenize_prompts(rows, tok, short + 5, "drop")
     assert len(dropped) == 1 and dropped.dropped == 1
+    assert kept.end_token_id == dropped.end_token_id == tok.eos_token_id  # where the RMs read a response's score
+
+
+def test_a_reward_model_with_another_eos_is_refused(tiny_model_dir, tmp_path):
+    from rl.prompt_data import check_tokenizers_match
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other.eos_token = "<|end|>"  # same vocabulary, another end-of-turn token
+    other.save_pretrained(tmp_path / "rm")
+    check_tokenizers_match(tok, [str(tiny_model_dir)], "--reward_pretrain")  # the same tokenizer passes
+    with pytest.raises(ConfigError, match=r"--reward_pretrain .*: its EOS token '<\|end\|>' differs from the policy's '</s>'"):
+        check_tokenizers_match(tok, [str(tmp_path / "rm")], "--reward_pretrain")
 
 
 BASE = ["--pretrain", "p", "--reward_pretrain", "r", "--prompt_data", "d"]
@@ -97,6 +110,8 @@ BASE = ["--pretrain", "p", "--reward_pretrain", "r", "--prompt_data", "d"]
     (BASE + ["--async_train", "--old_logprobs", "trainer"], "can only come from the sampler"),
     (BASE + ["--weight_sync", "nccl"], "--weight_sync must be auto, object_store or broadcast"),
     (BASE + ["--weight_sync", "broadcast", "--rollout_backend", "hf"], "needs --rollout_backend vllm"),
+    (BASE + ["--missing_eos_penalty", "-1"], "--missing_eos_penalty must be a finite value >= 0"),
+    (BASE + ["--missing_eos_penalty", "nan"], "--missing_eos_penalty must be a finite value >= 0"),
 ])
 def test_config_errors_are_one_clear_line(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -116,6 +131,8 @@ def test_policy_loss_and_clip_defaults_follow_the_estimator():
     assert ppo.effective_old_logprobs == "trainer"
     remax_bf16 = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax", "--bf16"])
     assert remax_bf16.effective_old_logprobs == "trainer"
+    assert ppo.missing_eos_penalty is None  # TRL's default: no penalty
+    assert parse_config(RLConfig, BASE + ["--missing_eos_penalty", "1.5"]).missing_eos_penalty == 1.5
 
 
 def test_weight_sync_auto_broadcasts_only_with_gpus_and_vllm():

@@ -285,6 +285,16 @@ def test_vllm_greedy_equals_hf_greedy(vllm_engine, hf_engine, hf_model, prompts)
     assert logprob_gap(groups, [r.response_logprobs for r in flatten(hf_groups)]) <= 1e-3
 
 
+def test_vllm_sampling_params_stop_at_the_end_of_turn_token(vllm_engine, hf_engine, tiny_model_dir, prompts):
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    params = vllm_engine._sampling_params(SamplingConfig(temperature=0.7, max_new_tokens=GEN_MAX, n=2), 3)
+    assert params.stop_token_ids == [eos] == hf_engine.eos_token_ids and not params.ignore_eos
+    assert (params.n, params.max_tokens, params.seed) == (2, GEN_MAX, 3)
+    # a response stops at its first EOS and keeps it; "stop" means exactly that
+    for r in flatten(vllm_engine.generate(prompts, SamplingConfig(max_new_tokens=GEN_MAX, n=4, seed=1))):
+        assert (r.finish_reason == "stop") == (r.response_ids[-1] == eos) and eos not in r.response_ids[:-1]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_vllm_logprobs_equal_actor(vllm_engine, actor, prompts, temperature):
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=GEN_MAX, n=3, seed=7)

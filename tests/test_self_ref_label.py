@@ -120,3 +120,24 @@ def test_faulty_network_loses_and_duplicates_nothing(vllm_judge, tmp_path):
     assert summary["retries"] > 0
     label_main(label_args(vllm_judge, pairs, tmp_path / "out.jsonl"))
     assert set(all_rows(tmp_path / "out.jsonl")) == ids
+
+
+def test_label_takes_the_evaluated_method(vllm_judge, tmp_path):
+    """The judge's method flags of self_ref.evaluate (here the small judge's config: pointwise
+    checks against the quoted own answer, no critique) label the same way, and direct mode
+    labels without an own answer."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 3, offset=60)
+    config = Path(__file__).resolve().parents[1] / "configs" / "judge_small.yaml"
+    summary = label_main(["--config", str(config)] + label_args(vllm_judge, pairs, tmp_path / "small.jsonl", max_tokens=0))
+    assert summary["labelled"] + summary["rejected"] == 3 and summary["failed"] == 0
+    assert summary["strength_sources"] == {"score": 6}
+    for row in all_rows(tmp_path / "small.jsonl").values():
+        assert row["judge_answer"]
+        for vote in row["votes"]:
+            assert vote["pointwise"] and len(vote["checks"]) == 2
+            assert all(0.0 < c["p_yes"] < 1.0 for c in vote["checks"])
+    summary = label_main(label_args(vllm_judge, pairs, tmp_path / "direct.jsonl", mode="direct", max_tokens=0))
+    assert summary["failed"] == 0 and summary["strength_sources"] == {"score": 6}
+    for row in all_rows(tmp_path / "direct.jsonl").values():
+        assert row["judge_answer"] is None
+        assert [v["text"] for v in row["votes"]] == [f"Verdict: {v['verdict']}" for v in row["votes"]]

@@ -105,7 +105,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 @dataclass
 class DistributedArgs:
     zero_stage: int = field(default=3, metadata={"help": "3: reshard params after forward (ZeRO-3); 2: keep them for backward (ZeRO-2)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 compute with fp32 master weights (CUDA only; fp32 on CPU)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 compute with fp32 master weights, optimizer states and gradient reduction (FSDP2 mixed precision; frozen RL models load bf16 weights). Off by default: on a CPU without AVX512-BF16/AMX (AVX2 only, like our 2-core machines) every bf16 stage measured slower than fp32 (benchmarks/bf16_cpu.py)"})
     flash_attn: bool = field(default=False, metadata={"help": "require flash-attn varlen kernels (auto-selected on CUDA when installed)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder-layer activations in backward"})
     seed: int = field(default=42, metadata={"help": "random seed"})

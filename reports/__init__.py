@@ -1,0 +1,1 @@
+"""Run outputs (metrics files, evaluation JSON) -> PNG plots and a markdown report."""
