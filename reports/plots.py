@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def plot_metrics(rows: list[dict], panels: list[Panel], path: str | Path, title:
             ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 12 else None, markersize=4)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         if panel.ylabel:
             ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
