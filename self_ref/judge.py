@@ -51,6 +51,18 @@ from training.config import ConfigError
 MODES = ("self_reference", "direct")
 DEBIAS = ("none", "pair")
 VERDICTS = ("pair", "pointwise")
+# the judge settings that take one of a few values (checked in JudgeSettings and JudgeFlags alike)
+CHOICES = {"mode": MODES, "debias": DEBIAS, "aggregate": AGGREGATES, "verdict": VERDICTS}
+CHOICE_TITLES = {"mode": "judge mode", "debias": "debias", "aggregate": "aggregate", "verdict": "verdict format"}
+
+
+def bad_choice(obj, choices: dict[str, tuple[str, ...]]) -> tuple[str, str, tuple[str, ...]] | None:
+    """The first ``(name, value, allowed)`` of ``choices`` whose value on ``obj`` is not allowed."""
+    for name, allowed in choices.items():
+        value = getattr(obj, name)
+        if value not in allowed:
+            return name, value, allowed
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,14 +86,10 @@ class JudgeSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown judge mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.debias not in DEBIAS:
-            raise ValueError(f"unknown debias {self.debias!r}; expected one of {', '.join(DEBIAS)}")
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"unknown aggregate {self.aggregate!r}; expected one of {', '.join(AGGREGATES)}")
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"unknown verdict format {self.verdict!r}; expected one of {', '.join(VERDICTS)}")
+        bad = bad_choice(self, CHOICES)
+        if bad:
+            name, value, allowed = bad
+            raise ValueError(f"unknown {CHOICE_TITLES[name]} {value!r}; expected one of {', '.join(allowed)}")
         if self.num_votes < 1 or self.max_tokens < 0 or self.reference_max_tokens < 1:
             raise ValueError("num_votes and reference_max_tokens must be >= 1, max_tokens >= 0")
 
@@ -110,12 +118,10 @@ class JudgeFlags:
             raise ConfigError("--num_votes must be >= 1")
         if self.max_tokens < 0 or self.reference_max_tokens < 1:
             raise ConfigError("--max_tokens must be >= 0 and --reference_max_tokens >= 1")
-        if self.debias not in DEBIAS:
-            raise ConfigError(f"--debias must be one of {', '.join(DEBIAS)}, got {self.debias!r}")
-        if self.aggregate not in AGGREGATES:
-            raise ConfigError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
-        if self.verdict not in VERDICTS:
-            raise ConfigError(f"--verdict must be one of {', '.join(VERDICTS)}, got {self.verdict!r}")
+        bad = bad_choice(self, {k: v for k, v in CHOICES.items() if k != "mode"})  # --mode: each command's own
+        if bad:
+            name, value, allowed = bad
+            raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
 
     def judge_settings(self, mode: str = "self_reference", min_agreement: float = 0.5) -> JudgeSettings:
         return JudgeSettings(
