@@ -54,7 +54,7 @@ from pathlib import Path
 from reports.demo_report import write_report
 from self_ref.server import HOST, VLLMServer, terminate_process_group
 from training.cli import run_cli
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, check_fields, parse_config
 
 ROOT = Path(__file__).resolve().parent
 STAGE_NAMES = ("model", "sft", "generate", "judge", "label", "rm", "rl", "compare")
@@ -117,14 +117,15 @@ class DemoConfig:
     """Run the whole pipeline (SFT -> pairs -> self-reference labels -> RM -> RL -> judged comparison)."""
 
     model: str = field(default="smollm2", metadata={"help": f"base model: {', '.join(PROFILES)} (tiny: the 0.6M random model of the tests and CI)"})
-    out: str = field(default="out/demo", metadata={"help": "folder for every artefact, log and stage marker"})
+    out: str = field(default="out/demo", metadata={"help": "folder for every artefact, log and stage marker", "path": "output"})
     algo: str = field(default="remax", metadata={"help": "RL algorithm: remax or ppo"})
     until: str = field(default="compare", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)}"})
     force: str = field(default="", metadata={"help": "stages to redo even if done: 'all' or comma-separated names (later stages follow)"})
-    prompts: str | None = field(default=None, metadata={"help": "training prompts jsonl (key message) for generation and RL (default: the model's shipped set)"})
-    judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1"})
+    prompts: str | None = field(default=None, metadata={"help": "training prompts jsonl (key message) for generation and RL (default: the model's shipped set)", "path": "data"})
+    judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1", "check": "[1, 65535]"})
 
     def __post_init__(self):
+        check_fields(self)
         if self.model not in PROFILES:
             raise ConfigError(f"--model must be one of {', '.join(PROFILES)}, got {self.model!r}")
         if self.algo not in ALGOS:

@@ -18,7 +18,7 @@ import json
 from transformers import AutoTokenizer
 
 from rl.cluster import build_workers, start_ray, stop_ray
-from rl.config import RLConfig
+from rl.config import RLConfig, check_resources
 from rl.prompt_data import check_tokenizers_match, load_prompt_sets
 from rl.rollout import require_vllm
 from rl.trainer import RLTrainer, optimizer_steps_per_iteration, total_iterations
@@ -28,6 +28,7 @@ from training.config import ConfigError, parse_config
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(RLConfig, argv)
+    check_resources(cfg)
     if cfg.rollout_backend == "vllm":
         require_vllm()  # fail here, before any worker starts, if vLLM is missing
 

@@ -28,17 +28,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from models.distributed import init_distributed
+from models.distributed import init_distributed, is_rank0
 from models.fsdp import shard_model
 from models.value_model import RewardModel
 from rlhf_data import PreferenceKeys, validate_preference
 from rlhf_data.collate import collate_pairs
 from rlhf_data.mixing import train_eval_rows
-from rlhf_data.tokenize import tokenize_preference
-from training.batches import split_global_batch
+from rlhf_data.tokenize import tokenize_preference, tokenize_train_eval
+from training.batches import check_fills_a_batch, split_global_batch
 from training.cli import run_cli
 from training.config import (
-    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, parse_config,
+    CheckpointArgs, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
+    parse_config,
 )
 from training.run import TrainingRun
 from training.step import train_step
@@ -49,21 +50,17 @@ from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
 class RMConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs):
     """Train a reward model on preference pairs."""
 
-    pretrain: str = field(default="", metadata={"help": "HF folder: a causal LM (new score head) or a reward model"})
+    pretrain: str = field(default="", metadata={"help": "HF folder: a causal LM (new score head) or a reward model", "path": "model"})
     prompt_key: str = "message"
     chosen_key: str = "chose"
     rejected_key: str = "reject"
     margin_key: str = "margin"
-    apply_chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template (always on)"})
-    loss: str = field(default="sigmoid", metadata={"help": "sigmoid | logexp | logexpwithlm"})
-    lm_loss_coef: float = field(default=1.0, metadata={"help": "weight of the LM term of logexpwithlm"})
+    loss: str = field(default="sigmoid", metadata={"help": "sigmoid | logexp | logexpwithlm", "check": LOSS_NAMES})
+    lm_loss_coef: float = field(default=1.0, metadata={"help": "weight of the LM term of logexpwithlm", "check": ">= 0"})
     use_margin: bool = field(default=False, metadata={"help": "require r_chosen - r_rejected >= margin (from --margin_key)"})
 
     def __post_init__(self):
-        if self.loss not in LOSS_NAMES:
-            raise ConfigError(f"--loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
-        if not self.pretrain or not self.dataset:
-            raise ConfigError("--pretrain and --dataset are required")
+        check_trainer_config(self)
 
 
 def pair_loss(model, pb, cfg: RMConfig, n_pairs: int, n_lm_tokens: int, world: int):
@@ -122,9 +119,7 @@ def evaluate(model, pairs, cfg: RMConfig, env, pad_id: int, token_budget: int) -
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(RMConfig, argv)
-    env = init_distributed()
-    torch.manual_seed(cfg.seed)
-    log = print if env.is_main else (lambda *a, **k: None)
+    log = print if is_rank0() else (lambda *a, **k: None)
 
     # ---- data: files -> validated rows -> token ids (every error stops here, before training)
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
@@ -136,10 +131,19 @@ def main(argv: list[str] | None = None) -> dict:
     for line in skipped:
         log(f"[data] {line}")
     tokenize = partial(tokenize_preference, tokenizer, max_len=cfg.max_len)
-    train_pairs = [tokenize(r) for r in train_rows]
-    eval_pairs = [tokenize(r) for r in eval_rows]
+
+    def unusable(pair):  # texts that differ only beyond --max_len give the loss nothing to separate
+        same = pair.chosen == pair.rejected
+        return f"chosen and rejected are the same tokens within --max_len {cfg.max_len}" if same else None
+
+    train_pairs, eval_pairs = tokenize_train_eval(train_rows, eval_rows, tokenize, unusable, cfg.chosen_key,
+                                                  cfg.skip_bad_rows, log)
+    check_fills_a_batch(len(train_pairs), cfg.train_batch_size, "training pairs")
     n_trunc = sum(p.truncated for p in train_pairs)
     log(f"[data] {len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {n_trunc} truncated to {cfg.max_len} tokens")
+
+    # ---- processes join only now: every mistake above stopped the run before a process group
+    env = init_distributed()
 
     # ---- model
     torch.manual_seed(cfg.seed)  # the same fresh score head on every rank

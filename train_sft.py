@@ -19,16 +19,17 @@ import torch
 from transformers import AutoTokenizer
 
 from models.actor import Actor
-from models.distributed import all_reduce_mean, init_distributed
+from models.distributed import all_reduce_mean, init_distributed, is_rank0
 from models.fsdp import shard_model
 from rlhf_data import validate_conversation
 from rlhf_data.collate import layout_mask, make_batch
 from rlhf_data.mixing import train_eval_rows
-from rlhf_data.tokenize import tokenize_conversation
-from training.batches import split_global_batch
+from rlhf_data.tokenize import tokenize_conversation, tokenize_train_eval
+from training.batches import check_fills_a_batch, split_global_batch
 from training.cli import run_cli
 from training.config import (
-    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, parse_config,
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
+    parse_config,
 )
 from training.run import TrainingRun
 from training.step import train_step
@@ -38,12 +39,11 @@ from training.step import train_step
 class SFTConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs):
     """Supervised fine-tuning on chat conversations (loss on assistant tokens only)."""
 
-    pretrain: str = field(default="", metadata={"help": "HF causal LM folder"})
+    pretrain: str = field(default="", metadata={"help": "HF causal LM folder", "path": "model"})
     input_key: str = field(default="messages", metadata={"help": "column holding the list of chat turns"})
 
     def __post_init__(self):
-        if not self.pretrain or not self.dataset:
-            raise ConfigError("--pretrain and --dataset are required")
+        check_trainer_config(self)
 
 
 def trained_tokens(mask: list[bool]) -> int:
@@ -74,9 +74,7 @@ def evaluate(model, convs, cfg: SFTConfig, env, pad_id: int, token_budget: int) 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(SFTConfig, argv)
-    env = init_distributed()
-    torch.manual_seed(cfg.seed)
-    log = print if env.is_main else (lambda *a, **k: None)
+    log = print if is_rank0() else (lambda *a, **k: None)
 
     # ---- data: files -> validated conversations -> ids + assistant masks
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
@@ -90,10 +88,21 @@ def main(argv: list[str] | None = None) -> dict:
     def tokenize(row):
         return tokenize_conversation(tokenizer, row["messages"], cfg.max_len, row.get("_source", ""), row.get("_row", 0))
 
-    train_convs = [tokenize(r) for r in train_rows]
-    eval_convs = [tokenize(r) for r in eval_rows]
+    def unusable(conv):
+        if trained_tokens(conv.loss_mask):
+            return None
+        return (f"no assistant token within --max_len {cfg.max_len} (the conversation before the first "
+                "reply fills it): nothing to train on")
+
+    train_convs, eval_convs = tokenize_train_eval(train_rows, eval_rows, tokenize, unusable, cfg.input_key,
+                                                  cfg.skip_bad_rows, log)
+    check_fills_a_batch(len(train_convs), cfg.train_batch_size, "training conversations")
     log(f"[data] {len(train_convs)} training conversations, {len(eval_convs)} eval, "
         f"{sum(c.truncated for c in train_convs)} truncated to {cfg.max_len} tokens")
+
+    # ---- processes join only now: every mistake above stopped the run before a process group
+    env = init_distributed()
+    torch.manual_seed(cfg.seed)
 
     # ---- model
     model = Actor.from_pretrained(cfg.pretrain, flash_attn=cfg.flash_attn or None)
@@ -108,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- train
     for epoch, indices in run.global_batches():
-        n_tokens = max(sum(trained_tokens(train_convs[i].loss_mask) for i in indices), 1)
+        n_tokens = sum(trained_tokens(train_convs[i].loss_mask) for i in indices)
+        if n_tokens == 0:  # unreachable after tokenize_rows; a zero-loss step must never pass silently
+            raise ConfigError(f"step {run.step + 1}: no assistant token in the global batch")
 
         def micro_loss(micro):
             batch, mask = micro_batch(train_convs, micro, cfg.packing_samples, pad_id, env.device)

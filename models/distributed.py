@@ -39,6 +39,11 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun job, or a single process; known before any process group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> DistEnv:
     """Initialise (once) the default process group and return where this process runs."""
     rank = int(os.environ.get("RANK", 0))

@@ -94,8 +94,8 @@ def shard_model(
     ``model`` may be an HF model or one of our heads wrapping one (``hf_model``, used to turn on
     HF's non-reentrant activation checkpointing, which composes with FSDP2).
     """
-    if zero_stage not in (1, 2, 3):
-        raise ValueError(f"--zero_stage must be 1, 2 or 3, got {zero_stage}")
+    if zero_stage not in (2, 3):  # FSDP2 always shards grads and optimizer states: no ZeRO-1 to offer
+        raise ValueError(f"--zero_stage must be 2 or 3, got {zero_stage}")
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs torch.distributed; call models.distributed.init_distributed() first")
     device = device or torch.device("cpu")

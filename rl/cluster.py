@@ -6,6 +6,7 @@ the same placement code runs, bundles ask for CPUs only, the process groups use 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rl.config import RLConfig
@@ -73,9 +74,37 @@ def start_ray(cfg: RLConfig, log=print) -> bool:
         log(f"[ray] joined the cluster at {address}: {ray.cluster_resources()}")
         return False
     slots = local_cpu_slots(cfg)
-    ray.init(address="local", num_cpus=slots, include_dashboard=False, logging_level="ERROR", runtime_env=env)
-    log(f"[ray] started a local Ray with {slots} CPU slots")
+    with _loopback_only():
+        ctx = ray.init(address="local", num_cpus=slots, include_dashboard=cfg.ray_dashboard, dashboard_host=LOOPBACK,
+                       _node_ip_address=LOOPBACK, logging_level="ERROR", runtime_env=env)
+    dashboard = f"; dashboard at http://{ctx.dashboard_url}" if cfg.ray_dashboard and ctx.dashboard_url else ""
+    log(f"[ray] started a local Ray with {slots} CPU slots on {LOOPBACK}{dashboard}")
     return True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _loopback_only():
+    """While a local Ray starts: let its node IP be 127.0.0.1. Ray binds its gRPC servers and
+    agents to the node IP, but ``ray.init`` turns a loopback ``_node_ip_address`` into this
+    machine's external address unless multi-node clusters are off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by this process at import and by the processes
+    Ray starts). Nothing can then join this Ray from another machine, which a local Ray never needs."""
+    import ray._private.ray_constants as ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 def stop_ray(started_here: bool) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from training.config import CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs
+from training.config import (
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, check_data_mix, check_fields, check_libraries, float_list, split_list,
+)
 
 ESTIMATORS = ("gae", "remax", "rloo", "reinforce_baseline")
 POLICY_LOSSES = ("auto", "ppo", "reinforce")
@@ -12,110 +16,106 @@ POLICY_LOSSES = ("auto", "ppo", "reinforce")
 
 @dataclass
 class PlacementArgs:
-    actor_num_nodes: int = 1
-    actor_num_gpus_per_node: int = field(default=1, metadata={"help": "actor ranks per node (CPU workers without GPUs)"})
-    ref_num_nodes: int = 1
-    ref_num_gpus_per_node: int = 1
-    reward_num_nodes: int = 1
-    reward_num_gpus_per_node: int = 1
-    critic_num_nodes: int = 1
-    critic_num_gpus_per_node: int = 1
+    actor_num_nodes: int = field(default=1, metadata={"check": ">= 1"})
+    actor_num_gpus_per_node: int = field(default=1, metadata={"help": "actor ranks per node (CPU workers without GPUs)", "check": ">= 1"})
+    ref_num_nodes: int = field(default=1, metadata={"check": ">= 1"})
+    ref_num_gpus_per_node: int = field(default=1, metadata={"check": ">= 1"})
+    reward_num_nodes: int = field(default=1, metadata={"check": ">= 1"})
+    reward_num_gpus_per_node: int = field(default=1, metadata={"check": ">= 1"})
+    critic_num_nodes: int = field(default=1, metadata={"check": ">= 1"})
+    critic_num_gpus_per_node: int = field(default=1, metadata={"check": ">= 1"})
     colocate_actor_ref: bool = field(default=False, metadata={"help": "reference ranks share the actor's devices"})
     colocate_critic_reward: bool = field(default=False, metadata={"help": "reward-model ranks share the critic's devices (PPO; ReMax has no critic)"})
-    vllm_num_engines: int = 1
-    vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.5
-    vllm_cpu_kvcache_space_gb: int = field(default=1, metadata={"help": "KV cache of a CPU vLLM engine (GiB)"})
-    rollout_backend: str = field(default="vllm", metadata={"help": "vllm | hf (transformers generate, when vLLM is absent)"})
-    weight_sync: str = field(default="auto", metadata={"help": "actor -> engines: object_store (Ray) | broadcast (one process group: NCCL on GPUs, gloo on CPUs) | auto (broadcast with GPUs and vLLM)"})
-    worker_threads: int = field(default=0, metadata={"help": "torch threads per CPU worker (0: torch's default)"})
+    vllm_num_engines: int = field(default=1, metadata={"check": ">= 1"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"check": ">= 1"})
+    vllm_gpu_memory_utilization: float = field(default=0.5, metadata={"check": "(0, 1]"})
+    vllm_cpu_kvcache_space_gb: int = field(default=1, metadata={"help": "KV cache of a CPU vLLM engine (GiB)", "check": ">= 1"})
+    rollout_backend: str = field(default="vllm", metadata={"help": "vllm | hf (transformers generate, when vLLM is absent)", "check": ("vllm", "hf")})
+    weight_sync: str = field(default="auto", metadata={"help": "actor -> engines: object_store (Ray) | broadcast (one process group: NCCL on GPUs, gloo on CPUs) | auto (broadcast with GPUs and vLLM)", "check": ("auto", "object_store", "broadcast")})
+    worker_threads: int = field(default=0, metadata={"help": "torch threads per CPU worker (0: torch's default)", "check": ">= 0"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: RAY_ADDRESS, else a local Ray started and stopped here)"})
+    ray_dashboard: bool = field(default=False, metadata={"help": "start the Ray dashboard of a local Ray started here (bound to 127.0.0.1; reach it through an SSH tunnel)"})
 
 
 @dataclass
 class RLDataArgs:
-    prompt_data: str = field(default="", metadata={"help": "comma-separated prompt files (jsonl/json/parquet/save_to_disk)"})
+    prompt_data: str = field(default="", metadata={"help": "comma-separated prompt files (jsonl/json/parquet/save_to_disk)", "path": "data"})
     prompt_data_probs: str | None = field(default=None, metadata={"help": "mixing weights, one per prompt file"})
     input_key: str = field(default="message", metadata={"help": "the prompt field: chat turns or a string"})
-    apply_chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template (always on)"})
-    eval_prompt_data: str | None = field(default=None, metadata={"help": "prompts for the greedy-reward evaluation (else --eval_split)"})
-    eval_split: float = field(default=0.0, metadata={"help": "fraction of the prompts held out for evaluation"})
-    max_eval_prompts: int = field(default=64, metadata={"help": "evaluate on at most this many prompts"})
+    eval_prompt_data: str | None = field(default=None, metadata={"help": "prompts for the greedy-reward evaluation (else --eval_split)", "path": "data"})
+    eval_split: float = field(default=0.0, metadata={"help": "fraction of the prompts held out for evaluation", "check": "[0, 1)"})
+    max_eval_prompts: int = field(default=64, metadata={"help": "evaluate on at most this many prompts", "check": ">= 1"})
     skip_bad_rows: bool = False
-    prompt_max_len: int = 1024
-    generate_max_len: int = 1024
-    prompt_overflow: str = field(default="truncate", metadata={"help": "prompts over --prompt_max_len: truncate (from the left) or drop; counted either way"})
+    prompt_max_len: int = field(default=1024, metadata={"check": ">= 1"})
+    generate_max_len: int = field(default=1024, metadata={"check": ">= 1"})
+    prompt_overflow: str = field(default="truncate", metadata={"help": "prompts over --prompt_max_len: truncate (from the left) or drop; counted either way", "check": ("truncate", "drop")})
 
 
 @dataclass
 class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, CheckpointArgs):
     """PPO / ReMax / RLOO with Ray workers and vLLM rollouts."""
 
-    pretrain: str = field(default="", metadata={"help": "the initial policy (HF causal LM folder)"})
-    reward_pretrain: str = field(default="", metadata={"help": "comma-separated reward-model folders"})
+    pretrain: str = field(default="", metadata={"help": "the initial policy (HF causal LM folder)", "path": "model"})
+    reward_pretrain: str = field(default="", metadata={"help": "comma-separated reward-model folders", "path": "model"})
     reward_weights: str | None = field(default=None, metadata={"help": "comma-separated weights combining the reward models (default: sum)"})
-    critic_pretrain: str | None = field(default=None, metadata={"help": "critic init (default: the first reward model)"})
+    critic_pretrain: str | None = field(default=None, metadata={"help": "critic init (default: the first reward model)", "path": "model"})
 
-    advantage_estimator: str = field(default="gae", metadata={"help": "gae (PPO, critic) | remax | rloo | reinforce_baseline (no critic)"})
-    policy_loss: str = field(default="auto", metadata={"help": "ppo (clipped) | reinforce | auto: reinforce for synchronous remax (the paper), ppo otherwise"})
-    n_samples_per_prompt: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    advantage_estimator: str = field(default="gae", metadata={"help": "gae (PPO, critic) | remax | rloo | reinforce_baseline (no critic)", "check": ESTIMATORS})
+    policy_loss: str = field(default="auto", metadata={"help": "ppo (clipped) | reinforce | auto: reinforce for synchronous remax (the paper), ppo otherwise", "check": POLICY_LOSSES})
+    n_samples_per_prompt: int = field(default=1, metadata={"check": ">= 1"})
+    temperature: float = field(default=1.0, metadata={"check": "> 0"})
+    top_p: float = field(default=1.0, metadata={"check": "(0, 1]"})
+    top_k: int = field(default=-1, metadata={"check": "-1 or >= 1"})
 
-    rollout_batch_size: int = field(default=128, metadata={"help": "prompts per rollout"})
-    micro_rollout_batch_size: int = field(default=16, metadata={"help": "samples per rank per no-grad micro-batch"})
-    train_batch_size: int = field(default=128, metadata={"help": "samples per optimizer step (all ranks)"})
-    actor_train_batch_size: int = field(default=8, metadata={"help": "actor samples per micro-batch per rank"})
-    critic_train_batch_size: int = field(default=4, metadata={"help": "critic samples per micro-batch per rank"})
+    rollout_batch_size: int = field(default=128, metadata={"help": "prompts per rollout", "check": ">= 1"})
+    micro_rollout_batch_size: int = field(default=16, metadata={"help": "sizes the no-grad passes (reference, reward, critic values, old log-probs): each rank packs its samples into micro-batches of up to this many x (prompt_max_len + generate_max_len) tokens (or --packing_max_tokens)", "check": ">= 1"})
+    train_batch_size: int = field(default=128, metadata={"help": "samples per optimizer step (all ranks)", "check": ">= 1"})
+    actor_train_batch_size: int = field(default=8, metadata={"help": "actor samples per micro-batch per rank", "check": ">= 1"})
+    critic_train_batch_size: int = field(default=4, metadata={"help": "critic samples per micro-batch per rank", "check": ">= 1"})
     packing_samples: bool = field(default=False, metadata={"help": "token-budget micro-batches (rows are always packed, never padded)"})
-    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a micro-batch (default: micro size x (prompt_max_len + generate_max_len))"})
-    num_episodes: int = field(default=1, metadata={"help": "passes over the prompts"})
-    max_epochs: int = field(default=1, metadata={"help": "PPO epochs over each rollout"})
-    max_iterations: int = field(default=-1, metadata={"help": "stop after N rollouts (-1: all episodes)"})
+    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a micro-batch (default: micro size x (prompt_max_len + generate_max_len))", "check": ">= 1"})
+    num_episodes: int = field(default=1, metadata={"help": "passes over the prompts", "check": ">= 1"})
+    max_epochs: int = field(default=1, metadata={"help": "PPO epochs over each rollout", "check": ">= 1"})
+    max_iterations: int = field(default=-1, metadata={"help": "stop after N rollouts (-1: all episodes)", "check": "-1 or >= 1"})
 
-    actor_learning_rate: float = 1e-6
-    critic_learning_rate: float = 9e-6
-    l2: float = 0.0
-    lr_warmup_ratio: float = 0.03
-    max_norm: float = 1.0
-    eps_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip"})
+    actor_learning_rate: float = field(default=1e-6, metadata={"check": "> 0"})
+    critic_learning_rate: float = field(default=9e-6, metadata={"check": "> 0"})
+    l2: float = field(default=0.0, metadata={"check": ">= 0"})
+    lr_warmup_ratio: float = field(default=0.03, metadata={"check": "[0, 1]"})
+    max_norm: float = field(default=1.0, metadata={"check": "> 0"})
+    eps_clip: float = field(default=0.2, metadata={"help": "PPO ratio clip", "check": "> 0"})
     value_clip: float = field(default=0.2, metadata={"help": "critic value clip (<= 0: off)"})
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lambd: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    init_kl_coef: float = 0.01
-    kl_target: float | None = field(default=None, metadata={"help": "adaptive KL coefficient towards this KL (per-token mean); default: fixed"})
-    kl_horizon: int = 10000
-    kl_estimator: str = field(default="k1", metadata={"help": "k1 | k2 | k3 (Schulman 2020)"})
-    reward_clip: float = field(default=-1.0, metadata={"help": "clip RM scores (PPO) / the reward difference (critic-free); -1: 10 for gae, 5 (ReMax's) otherwise; 0: off"})
+    entropy_coef: float = field(default=0.0, metadata={"check": ">= 0"})
+    gamma: float = field(default=1.0, metadata={"check": "(0, 1]"})
+    lambd: float = field(default=0.95, metadata={"help": "GAE lambda", "check": "[0, 1]"})
+    init_kl_coef: float = field(default=0.01, metadata={"check": ">= 0"})
+    kl_target: float | None = field(default=None, metadata={"help": "adaptive KL coefficient towards this KL (per-token mean); default: fixed", "check": "> 0"})
+    kl_horizon: int = field(default=10000, metadata={"check": ">= 1"})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 | k2 | k3 (Schulman 2020)", "check": ("k1", "k2", "k3")})
+    reward_clip: float = field(default=-1.0, metadata={"help": "clip RM scores (PPO) / the reward difference (critic-free); -1: 10 for gae, 5 (ReMax's) otherwise; 0: off", "check": "-1 or >= 0"})
     normalize_reward: bool = field(default=False, metadata={"help": "running mean/std normalisation of RM scores"})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the reward of a response that did not end with the end-of-turn token (cut at --generate_max_len); TRL's name. The RM reads such a response with the token appended (rlhf_data.tokenize.end_response), as in its training; default: no penalty"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from the reward of a response that did not end with the end-of-turn token (cut at --generate_max_len); TRL's name. The RM reads such a response with the token appended (rlhf_data.tokenize.end_response), as in its training; default: no penalty", "check": ">= 0"})
     whiten_advantages: bool | None = field(default=None, metadata={"help": "batch-whiten advantages (default: on for gae, off for the baselines)"})
 
     async_train: bool = field(default=False, metadata={"help": "generate rollout k+1 while training on rollout k (one step off-policy); critic and actor update concurrently"})
-    old_logprobs: str = field(default="auto", metadata={"help": "log-probs of the sampled tokens (the PPO ratio's denominator, the KL): trainer (an actor forward before training) | sampler (the engine's; the sync gap is then read off the first training forward) | auto (sampler for --async_train and for the REINFORCE loss in fp32, else trainer)"})
-    eval_steps: int = field(default=-1, metadata={"help": "greedy-reward evaluation every N iterations (always before and after training)"})
+    old_logprobs: str = field(default="auto", metadata={"help": "log-probs of the sampled tokens (the PPO ratio's denominator, the KL): trainer (an actor forward before training) | sampler (the engine's; the sync gap is then read off the first training forward) | auto (sampler for --async_train and for the REINFORCE loss in fp32, else trainer)", "check": ("auto", "trainer", "sampler")})
+    eval_steps: int = field(default=-1, metadata={"help": "greedy-reward evaluation every N iterations (always before and after training)", "check": "-1 or >= 1"})
 
     def __post_init__(self):
+        check_fields(self)
+        check_libraries(self)
         if not self.pretrain or not self.reward_pretrain or not self.prompt_data:
             raise ConfigError("--pretrain, --reward_pretrain and --prompt_data are required")
-        if self.advantage_estimator not in ESTIMATORS:
-            raise ConfigError(f"--advantage_estimator must be one of {', '.join(ESTIMATORS)}, got {self.advantage_estimator!r}")
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ConfigError(f"--policy_loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
-        if self.rollout_backend not in ("vllm", "hf"):
-            raise ConfigError(f"--rollout_backend must be vllm or hf, got {self.rollout_backend!r}")
-        if self.weight_sync not in ("auto", "object_store", "broadcast"):
-            raise ConfigError(f"--weight_sync must be auto, object_store or broadcast, got {self.weight_sync!r}")
         if self.weight_sync == "broadcast" and self.rollout_backend != "vllm":
             raise ConfigError("--weight_sync broadcast needs --rollout_backend vllm (the HF engine takes object_store)")
-        if self.prompt_overflow not in ("truncate", "drop"):
-            raise ConfigError(f"--prompt_overflow must be truncate or drop, got {self.prompt_overflow!r}")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ConfigError(f"--kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         if self.advantage_estimator == "rloo" and self.n_samples_per_prompt < 2:
             raise ConfigError("--advantage_estimator rloo needs --n_samples_per_prompt >= 2")
+        if self.reward_weights is not None:
+            float_list("--reward_weights", self.reward_weights, len(self.reward_paths()), "reward models (--reward_pretrain)")
+        check_data_mix(self.prompt_data, self.prompt_data_probs, self.eval_prompt_data, self.eval_split,
+                       ("--prompt_data_probs", "prompt files", "--eval_prompt_data"))
+        if self.critic_pretrain and not self.uses_critic:
+            raise ConfigError(f"--critic_pretrain is unused with --advantage_estimator {self.advantage_estimator} (no critic)")
         if self.samples_per_rollout % self.train_batch_size:
             raise ConfigError(
                 f"--train_batch_size {self.train_batch_size} must divide the samples of a rollout "
@@ -129,16 +129,9 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
         if self.async_train and self.policy_loss == "reinforce":
             raise ConfigError("--async_train trains on rollouts of the previous weights and needs the importance "
                               "ratio to the behaviour policy: use --policy_loss ppo (or auto), not reinforce")
-        if self.old_logprobs not in ("auto", "trainer", "sampler"):
-            raise ConfigError(f"--old_logprobs must be auto, trainer or sampler, got {self.old_logprobs!r}")
         if self.async_train and self.old_logprobs == "trainer":
             raise ConfigError("--async_train trains on rollouts of the previous weights: their log-probs can only "
                               "come from the sampler (--old_logprobs sampler or auto)")
-        if self.vllm_num_engines < 1:
-            raise ConfigError("--vllm_num_engines must be >= 1")
-        if self.missing_eos_penalty is not None and not 0 <= self.missing_eos_penalty < float("inf"):
-            raise ConfigError(f"--missing_eos_penalty must be a finite value >= 0 (it is subtracted from the reward), "
-                              f"got {self.missing_eos_penalty}")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -198,13 +191,63 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
         return self.packing_max_tokens or micro_samples * self.max_seq_len
 
     def reward_paths(self) -> list[str]:
-        return [p for p in self.reward_pretrain.split(",") if p]
+        return split_list(self.reward_pretrain)
 
     def reward_weight_list(self) -> list[float]:
         n = len(self.reward_paths())
         if not self.reward_weights:
             return [1.0] * n
-        weights = [float(w) for w in self.reward_weights.split(",")]
-        if len(weights) != n:
-            raise ConfigError(f"--reward_weights has {len(weights)} values for {n} reward models")
-        return weights
+        return float_list("--reward_weights", self.reward_weights, n, "reward models (--reward_pretrain)")
+
+
+def placement_counts(cfg: RLConfig, devices: bool) -> dict[str, int]:
+    """By role: the devices the placement asks for (``devices``: colocated groups share theirs),
+    or the worker processes it starts (every group is processes, colocated or not)."""
+    reward_pool = cfg.reward_num_nodes * cfg.reward_num_gpus_per_node
+    ref = cfg.ref_num_nodes * cfg.ref_num_gpus_per_node
+    return {
+        "actor": cfg.actor_world,
+        "ref": 0 if (devices and cfg.colocate_actor_ref) else (cfg.actor_world if cfg.colocate_actor_ref else ref),
+        "critic": cfg.critic_world if cfg.uses_critic else 0,
+        "reward": (0 if (devices and cfg.colocate_critic_reward and cfg.uses_critic)
+                   else (cfg.critic_world if cfg.colocate_critic_reward and cfg.uses_critic else reward_pool)
+                   * (1 if devices else len(cfg.reward_paths()))),
+        "vllm": cfg.vllm_num_engines * cfg.vllm_tensor_parallel_size,
+    }
+
+
+def _weights_bytes(path: str) -> int:
+    folder = Path(path)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def check_resources(cfg: RLConfig) -> None:
+    """Without a cluster to join (no ``--ray_address`` / ``RAY_ADDRESS``), the placement must fit
+    this machine, checked before Ray starts: the devices it asks for with CUDA; without CUDA, a
+    lower bound of the memory its worker processes take (each loads the policy or a reward model,
+    plus ~0.3 GiB of runtime) against the machine's memory."""
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        return  # the cluster's scheduler decides (and waits for resources)
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = placement_counts(cfg, devices=True)
+        asked = ", ".join(f"{k} {v}" for k, v in gpus.items() if v)
+        have = torch.cuda.device_count()
+        if sum(gpus.values()) > have:
+            raise ConfigError(f"the placement asks for {sum(gpus.values())} GPUs ({asked}; see --*_num_gpus_per_node, "
+                              f"--vllm_num_engines, --colocate_*), this machine has {have}")
+        return
+    roles = placement_counts(cfg, devices=False)
+    asked = ", ".join(f"{k} {v}" for k, v in roles.items() if v)
+    policy = _weights_bytes(cfg.pretrain)
+    reward = max([_weights_bytes(p) for p in cfg.reward_paths()] or [policy])
+    per_role = {"actor": policy, "ref": policy, "critic": reward, "reward": reward, "vllm": policy}
+    need = sum(n * (per_role[k] + int(0.3 * 2**30)) for k, n in roles.items())
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ConfigError(f"the placement starts {sum(roles.values())} worker processes ({asked}), which need at least "
+                          f"{need / 2**30:.0f} GiB of memory; this machine has {total / 2**30:.0f} GiB "
+                          "(lower --vllm_num_engines or --*_num_gpus_per_node, or join a cluster with --ray_address)")

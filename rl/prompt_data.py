@@ -15,6 +15,7 @@ from rlhf_data import validate_prompt
 from rlhf_data.mixing import train_eval_rows
 from rlhf_data.tokenize import render_prompt_ids
 from rl.rollout import truncate_prompt
+from training.config import ConfigError
 
 
 @dataclass
@@ -62,7 +63,7 @@ def load_prompt_sets(cfg, tokenizer, log=print) -> tuple[PromptSet, PromptSet]:
     log(f"[data] {len(train)} training prompts ({train.truncated} truncated, {train.dropped} dropped over "
         f"{cfg.prompt_max_len} tokens), {len(evals)} evaluation prompts")
     if len(train) < cfg.rollout_batch_size:
-        raise ValueError(f"--prompt_data has {len(train)} usable prompts, fewer than --rollout_batch_size "
+        raise ConfigError(f"--prompt_data has {len(train)} usable prompts, fewer than --rollout_batch_size "
                          f"{cfg.rollout_batch_size}")
     return train, evals
 
@@ -74,7 +75,6 @@ def check_tokenizers_match(tokenizer, model_paths: list[str], flag: str) -> None
     response ending with the policy's)."""
     from transformers import AutoTokenizer
 
-    from training.config import ConfigError
 
     vocab = tokenizer.get_vocab()
     for path in model_paths:

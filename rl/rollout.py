@@ -501,10 +501,12 @@ class VLLMEngine(_EngineBase):
         self.stats["last_update_seconds"] = seconds
         return seconds
 
-    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
+    def join_weight_group(self, host: str, port: int, token: str, rank_offset: int, world_size: int,
+                          backend: str) -> None:
         """Every worker of this engine joins the broadcast group (``rl.weight_broadcast``) as rank
-        ``rank_offset`` + its tensor-parallel rank; returns when all members have joined."""
-        self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size, backend))
+        ``rank_offset`` + its tensor-parallel rank, authenticating with rank 0's ``token``;
+        returns when all members have joined."""
+        self.llm.collective_rpc("join_weight_group", args=(host, port, token, rank_offset, world_size, backend))
 
     def receive_weights(self) -> float:
         """Take the next state dict the actor broadcasts (checked against the checkpoint in each

@@ -284,9 +284,11 @@ class RLTrainer:
         engines, tp = self.workers.engines, self.cfg.vllm_tensor_parallel_size
         world, backend = 1 + len(engines) * tp, "nccl" if use_gpu else "gloo"
         rank0 = self.workers.actor.workers[0]
-        host, port = ray.get(rank0.open_weight_group.remote(world))
-        ray.get([rank0.join_weight_group.remote(host, port, world, backend)]
-                + [e.execute.remote("join_weight_group", host, port, 1 + i * tp, world, backend)
+        # the store binds 127.0.0.1 when every Ray node is this one (node IPs), else the node's IP
+        node_ips = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+        host, port, token = ray.get(rank0.open_weight_group.remote(world, node_ips))
+        ray.get([rank0.join_weight_group.remote(host, port, token, world, backend)]
+                + [e.execute.remote("join_weight_group", host, port, token, 1 + i * tp, world, backend)
                    for i, e in enumerate(engines)])
         self.log(f"[sync] weights by {backend} broadcast from the actor's rank 0 to {world - 1} engine worker(s)")
 
@@ -364,8 +366,17 @@ class RLTrainer:
         self.workers.actor.call("save_state", str(folder / "actor"))
         if self.workers.critic is not None:
             self.workers.critic.call("save_state", str(folder / "critic"))
-        state = {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
-                 "reward_moments": self.reward_moments.state_dict(), "pending": self.pending}
+        pending = None  # plain dicts, lists and numbers only: the file loads with weights_only=True
+        if self.pending is not None:
+            groups, greedy, seconds = self.pending
+            pending = {"groups": [[asdict(r) for r in g] for g in groups], "greedy": [asdict(r) for r in greedy],
+                       "seconds": float(seconds)}
+
+        def plain(d: dict) -> dict:  # numbers as Python ints / floats (a numpy or tensor scalar would not load)
+            return {k: v if isinstance(v, (int, float)) else float(v) for k, v in d.items()}
+
+        state = {"iteration": int(self.iteration), "kl_ctl": plain(self.kl_ctl.state_dict()),
+                 "reward_moments": plain(self.reward_moments.state_dict()), "pending": pending}
         tmp = folder / (DRIVER_STATE + ".tmp")
         torch.save(state, tmp)
         tmp.rename(folder / DRIVER_STATE)  # written last: the folder is complete
@@ -378,11 +389,14 @@ class RLTrainer:
         self.workers.actor.call("load_state", str(folder / "actor"))
         if self.workers.critic is not None:
             self.workers.critic.call("load_state", str(folder / "critic"))
-        state = torch.load(folder / DRIVER_STATE, weights_only=False)
-        self.iteration = state["iteration"]
+        state = torch.load(folder / DRIVER_STATE, weights_only=True)  # no code runs from a checkpoint
+        self.iteration = int(state["iteration"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_moments.load_state_dict(state["reward_moments"])
-        self.pending = state["pending"]
+        pending = state["pending"]
+        self.pending = None if pending is None else (
+            [[Rollout(**r) for r in g] for g in pending["groups"]], [Rollout(**r) for r in pending["greedy"]],
+            float(pending["seconds"]))
         self.sync_weights()  # the engines start from --pretrain: give them the resumed weights
         self.log(f"[resume] from {folder} at iteration {self.iteration}")
         return True
@@ -427,7 +441,8 @@ class RLTrainer:
             # engines, and this iteration's time would hold the next one's generation.
             if not cfg.async_train and self.iteration < self.total:
                 ready = self.generate(self.iteration)
-            logger.log(self.iteration, metrics)
+            if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total or "eval_reward_mean" in metrics:
+                logger.log(self.iteration, metrics)
             bar.update(1)
             bar.set_postfix({"reward": f"{metrics['reward_mean']:.3f}", "kl": f"{metrics['kl']:.4f}"})
             if cfg.save_steps > 0 and self.iteration % cfg.save_steps == 0 and self.iteration < self.total:

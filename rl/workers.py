@@ -175,14 +175,16 @@ class ModelWorker(DistributedWorker):
         return sd if self.env.rank == 0 else None
 
     # --weight_sync broadcast (rl.weight_broadcast): rank 0 is rank 0 of the engines' group
-    def open_weight_group(self, world_size: int) -> tuple[str, int]:
+    def open_weight_group(self, world_size: int, member_ips: list[str] | None = None) -> tuple[str, int, str]:
+        """``(host, port, token)`` of the group's store (``BroadcastGroup.open``; ``member_ips``:
+        the members' node IPs, which decide where it binds)."""
         from rl.weight_broadcast import BroadcastGroup
 
         self.weight_group = BroadcastGroup()
-        return self.weight_group.open(world_size)
+        return self.weight_group.open(world_size, member_ips or ())
 
-    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
-        self.weight_group.join(host, port, 0, world_size, backend)
+    def join_weight_group(self, host: str, port: int, token: str, world_size: int, backend: str) -> None:
+        self.weight_group.join(host, port, token, 0, world_size, backend)
 
     def broadcast_weights(self) -> None:
         """Gather the full state dict (collective: every rank is called) and broadcast it from
@@ -383,8 +385,9 @@ class RolloutWorker(DistributedWorker):
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> float:
         return self.engine.update_weights(state_dict)
 
-    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
-        self.engine.join_weight_group(host, port, rank_offset, world_size, backend)
+    def join_weight_group(self, host: str, port: int, token: str, rank_offset: int, world_size: int,
+                          backend: str) -> None:
+        self.engine.join_weight_group(host, port, token, rank_offset, world_size, backend)
 
     def receive_weights(self) -> float:
         return self.engine.receive_weights()

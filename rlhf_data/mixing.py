@@ -70,7 +70,7 @@ def split_eval(
     n_eval = math.floor(round(eval_split * n, 6))
     if n_eval == 0 or n_eval == n:
         side = "eval" if n_eval == 0 else "train"
-        raise ValueError(f"eval_split {eval_split} of {n} rows leaves the {side} set empty")
+        raise ValueError(f"--eval_split {eval_split} of {n} rows leaves the {side} set empty")
     split = dataset.train_test_split(test_size=n_eval, shuffle=True, seed=seed)
     return split["train"], split["test"]
 
@@ -91,6 +91,7 @@ def train_eval_rows(
     fraction held out (before mixing, see the module docstring), then the training parts are mixed
     by ``dataset_probs``. ``eval_dataset`` files, when given, are the eval set instead.
     """
+    from rlhf_data.errors import DataError
     from rlhf_data.readers import load_rows, split_paths
 
     summaries: list[str] = []
@@ -101,10 +102,16 @@ def train_eval_rows(
             summaries.append(f"{path}: {report.summary()}")
         part = datasets.Dataset.from_list(rows)
         if eval_split and not eval_dataset:
-            part, held_out = split_eval(part, eval_split, seed)
+            try:
+                part, held_out = split_eval(part, eval_split, seed)
+            except ValueError as e:  # too few rows for this split: the file's problem, said as such
+                raise DataError(path, None, None, str(e)) from None
             eval_parts.extend(held_out.to_list())
         train_parts.append(part)
-    train = mix_datasets(train_parts, dataset_probs, seed).to_list()
+    try:
+        train = mix_datasets(train_parts, dataset_probs, seed).to_list()
+    except ValueError as e:  # a bad --dataset_probs, when the caller did not check it first
+        raise DataError(None, None, None, str(e)) from None
     if eval_dataset:
         eval_rows, report = load_rows(eval_dataset, validate, skip_bad_rows)
         if report.skipped:

@@ -96,6 +96,8 @@ def validate_preference(record: dict, keys: PreferenceKeys = PreferenceKeys()) -
     message = _prompt_turns(_required(record, keys.prompt_key), keys.prompt_key)
     chosen = _text(_required(record, keys.chosen_key), keys.chosen_key)
     rejected = _text(_required(record, keys.rejected_key), keys.rejected_key)
+    if chosen == rejected:
+        raise DataError(None, None, keys.rejected_key, f"the same text as {keys.chosen_key!r}: a pair must differ")
     margin = record.get(keys.margin_key)
     if margin is None:
         margin = 0.0

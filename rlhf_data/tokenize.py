@@ -178,3 +178,39 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int, source:
         rendered = context + reply
     truncated = len(ids) > max_len
     return TokenizedConversation(ids[:max_len], mask[:max_len], truncated)
+
+
+def tokenize_rows(rows: list[dict], tokenize, unusable, field: str, skip_bad_rows: bool) -> tuple[list, list[DataError]]:
+    """``tokenize(row)`` for every validated row, refusing samples that would train nothing.
+
+    ``unusable(sample)`` returns why a tokenized sample teaches the model nothing (an SFT row whose
+    assistant tokens all fall beyond ``--max_len``; a pair whose two sides are the same tokens),
+    or None. Such a row is an error at its file and row, or, with ``skip_bad_rows``, left out and
+    returned in the skip list for the caller to count: never a silent zero-loss step.
+    """
+    samples, skipped = [], []
+    for row in rows:
+        sample = tokenize(row)
+        reason = unusable(sample)
+        if reason is None:
+            samples.append(sample)
+            continue
+        err = DataError(row.get("_source"), row.get("_row"), field, reason)
+        if not skip_bad_rows:
+            raise err
+        skipped.append(err)
+    return samples, skipped
+
+
+def tokenize_train_eval(train_rows: list[dict], eval_rows: list[dict], tokenize, unusable, field: str,
+                        skip_bad_rows: bool, log=print) -> tuple[list, list]:
+    """``tokenize_rows`` over the training and the eval rows; logs what was skipped."""
+    out = []
+    for name, rows in (("training", train_rows), ("eval", eval_rows)):
+        samples, skipped = tokenize_rows(rows, tokenize, unusable, field, skip_bad_rows)
+        if skipped:
+            from rlhf_data.errors import SkipReport
+
+            log(f"[data] {name}: " + SkipReport(len(rows), len(samples), skipped).summary())
+        out.append(samples)
+    return out[0], out[1]

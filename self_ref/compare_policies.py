@@ -67,7 +67,7 @@ from self_ref.label import LabelConfig
 from self_ref.prompts import DEFAULT_PROMPTS, JudgePrompts
 from self_ref.stats import Estimate, mean_interval, wilson_interval
 from training.cli import run_cli
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, check_fields, parse_config
 from training.progress import progress_bar
 
 SIDES = ("a", "b")
@@ -81,28 +81,29 @@ NUM_EXAMPLES = 3
 class _CompareArgs:
     """Measure policy A against policy B by the self-reference judge (win rate, RM reward, length)."""
 
-    policy_a: str = field(default="", metadata={"help": "policy A: an HF folder to generate greedy responses with (vLLM)"})
-    policy_b: str = field(default="", metadata={"help": "policy B: an HF folder (or give --responses_b)"})
-    responses_a: str = field(default="", metadata={"help": "responses of A instead of --policy_a: jsonl rows {id, message, response}"})
-    responses_b: str = field(default="", metadata={"help": "responses of B instead of --policy_b (the same ids as A)"})
+    policy_a: str = field(default="", metadata={"help": "policy A: an HF folder to generate greedy responses with (vLLM)", "path": "model"})
+    policy_b: str = field(default="", metadata={"help": "policy B: an HF folder (or give --responses_b)", "path": "model"})
+    responses_a: str = field(default="", metadata={"help": "responses of A instead of --policy_a: jsonl rows {id, message, response}", "path": "data"})
+    responses_b: str = field(default="", metadata={"help": "responses of B instead of --policy_b (the same ids as A)", "path": "data"})
     name_a: str = field(default="", metadata={"help": "name of side A in the table and summary (default: its folder / file name)"})
     name_b: str = field(default="", metadata={"help": "name of side B"})
-    prompts: str = field(default="", metadata={"help": "held-out prompt file(s): rows with 'message' (and 'id'); needed for --policy_*"})
-    limit: int = field(default=-1, metadata={"help": "compare on the first N prompts only (-1: all)"})
-    output: str = field(default="", metadata={"help": "output folder (responses, judgements, summary.json); a rerun resumes"})
-    max_new_tokens: int = field(default=256, metadata={"help": "max tokens of a generated response (greedy)"})
+    prompts: str = field(default="", metadata={"help": "held-out prompt file(s): rows with 'message' (and 'id'); needed for --policy_*", "path": "data"})
+    limit: int = field(default=-1, metadata={"help": "compare on the first N prompts only (-1: all)", "check": "-1 or >= 1"})
+    output: str = field(default="", metadata={"help": "output folder (responses, judgements, summary.json); a rerun resumes", "path": "output"})
+    max_new_tokens: int = field(default=256, metadata={"help": "max tokens of a generated response (greedy)", "check": ">= 1"})
     # the judge
-    judge: str = field(default="", metadata={"help": "judge model folder: a local vLLM server on 127.0.0.1 for this run (else --base_url/--model)"})
-    judge_port: int = field(default=0, metadata={"help": "port of the --judge server (0: a free one)"})
-    judge_max_model_len: int = field(default=0, metadata={"help": "context of the --judge server (0: 4096, at most the model's max_position_embeddings)"})
-    judge_startup_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for the --judge server"})
+    judge: str = field(default="", metadata={"help": "judge model folder: a local vLLM server on 127.0.0.1 for this run (else --base_url/--model)", "path": "model"})
+    judge_port: int = field(default=0, metadata={"help": "port of the --judge server (0: a free one)", "check": "[0, 65535]"})
+    judge_max_model_len: int = field(default=0, metadata={"help": "context of the --judge server (0: 4096, at most the model's max_position_embeddings)", "check": ">= 0"})
+    judge_startup_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for the --judge server", "check": "> 0"})
     # the reward model
-    reward_model: str = field(default="", metadata={"help": "reward model folder: mean reward per side (optional)"})
-    rm_max_len: int = field(default=2048, metadata={"help": "max tokens of a scored conversation (as the RM's --max_len)"})
-    rm_batch_tokens: int = field(default=8192, metadata={"help": "tokens per packed reward-model forward"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer for the token counts of response files without them (default: --reward_model, else --judge)"})
+    reward_model: str = field(default="", metadata={"help": "reward model folder: mean reward per side (optional)", "path": "model"})
+    rm_max_len: int = field(default=2048, metadata={"help": "max tokens of a scored conversation (as the RM's --max_len)", "check": ">= 2"})
+    rm_batch_tokens: int = field(default=8192, metadata={"help": "tokens per packed reward-model forward", "check": ">= 1"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer for the token counts of response files without them (default: --reward_model, else --judge)", "path": "model"})
 
     def __post_init__(self):
+        check_fields(self)
         for s in SIDES:
             policy, responses = getattr(self, f"policy_{s}"), getattr(self, f"responses_{s}")
             if bool(policy) == bool(responses):

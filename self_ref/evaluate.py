@@ -64,23 +64,23 @@ SPLITS = ("dev", "test", "all")
 class EvaluateConfig(JudgeFlags):
     """Measure a judge on pairs whose better response is known (self-reference vs direct)."""
 
-    input: str = field(default=str(TRUTH_SET), metadata={"help": "truth set(s): message, responses, better (0/1), optional category, split"})
-    split: str = field(default="test", metadata={"help": "dev | test | all: rows whose 'split' is this (tune on dev, report test)"})
+    input: str = field(default=str(TRUTH_SET), metadata={"help": "truth set(s): message, responses, better (0/1), optional category, split", "path": "data"})
+    split: str = field(default="test", metadata={"help": "dev | test | all: rows whose 'split' is this (tune on dev, report test)", "check": ("dev", "test", "all")})
     mode: str = field(default="both", metadata={"help": "self_reference | direct | both"})
-    output: str = field(default="out/judge_eval.json", metadata={"help": "JSON with every figure and per-pair records"})
+    output: str = field(default="out/judge_eval.json", metadata={"help": "JSON with every figure and per-pair records", "path": "output_file"})
     base_url: str = field(default="http://127.0.0.1:23333/v1", metadata={"help": "comma-separated OpenAI-compatible base URLs (ignored with --serve)"})
     model: str = field(default="judge", metadata={"help": "model name served by the judge server(s)"})
-    serve: str | None = field(default=None, metadata={"help": "HF model folder: start a local vLLM judge server for it (stopped at the end)"})
-    serve_port: int = field(default=0, metadata={"help": "port of the --serve server on 127.0.0.1 (0: a free one)"})
+    serve: str | None = field(default=None, metadata={"help": "HF model folder: start a local vLLM judge server for it (stopped at the end)", "path": "model"})
+    serve_port: int = field(default=0, metadata={"help": "port of the --serve server on 127.0.0.1 (0: a free one)", "check": "[0, 65535]"})
     serve_dtype: str = field(default="float32", metadata={"help": "--dtype of the --serve server"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
     min_agreement: str = field(default="0.5,0.75,1.0", metadata={"help": "comma-separated agreement thresholds for the kept-share table"})
     accept_agreement: float | None = field(default=None, metadata={"help": "a pair whose votes agree less counts as rejected (wrong) in 'accuracy' (default: the smallest --min_agreement, as self_ref.label would label with it)"})
     calibration_bins: str = field(default="0.5,0.6,0.7,0.8,0.9,1.0", metadata={"help": "strength bin edges, 0.5 to 1.0"})
-    concurrency: int = field(default=16, metadata={"help": "pairs in flight"})
-    timeout: float = field(default=300.0, metadata={"help": "seconds per request"})
-    max_retries: int = field(default=3, metadata={"help": "retries per request"})
-    limit: int = field(default=-1, metadata={"help": "evaluate at most N pairs (-1: all)"})
+    concurrency: int = field(default=16, metadata={"help": "pairs in flight", "check": ">= 1"})
+    timeout: float = field(default=300.0, metadata={"help": "seconds per request", "check": "> 0"})
+    max_retries: int = field(default=3, metadata={"help": "retries per request", "check": ">= 0"})
+    limit: int = field(default=-1, metadata={"help": "evaluate at most N pairs (-1: all)", "check": "-1 or >= 1"})
     message_key: str = "message"
     responses_key: str = "responses"
 

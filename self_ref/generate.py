@@ -55,7 +55,7 @@ from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from rlhf_data import load_rows, validate_prompt
 from rlhf_data.tokenize import render_prompt_ids
 from training.cli import run_cli
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, check_fields, parse_config
 from training.progress import progress_bar
 
 NUM_RESPONSES = 2
@@ -65,47 +65,42 @@ NUM_RESPONSES = 2
 class GenerateConfig:
     """Sample two responses per prompt from a policy (vLLM offline or an OpenAI-compatible server)."""
 
-    input: str = field(default="", metadata={"help": "prompt file(s), comma-separated: jsonl/json/parquet/save_to_disk folder"})
-    output: str = field(default="", metadata={"help": "pairs jsonl (appended; a rerun resumes)"})
+    input: str = field(default="", metadata={"help": "prompt file(s), comma-separated: jsonl/json/parquet/save_to_disk folder", "path": "data"})
+    output: str = field(default="", metadata={"help": "pairs jsonl (appended; a rerun resumes)", "path": "output_file"})
     input_key: str = field(default="message", metadata={"help": "key of the prompt (a string or chat turns ending with a user turn)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed prompt rows instead of stopping"})
-    limit: int = field(default=-1, metadata={"help": "use at most N prompts of the input (-1: all)"})
-    backend: str = field(default="vllm", metadata={"help": "vllm (offline engine on --pretrain) or openai (a server at --base_url)"})
-    pretrain: str = field(default="", metadata={"help": "policy (HF folder or hub name); for openai: optional tokenizer for --prompt_max_len"})
+    limit: int = field(default=-1, metadata={"help": "use at most N prompts of the input (-1: all)", "check": "-1 or >= 1"})
+    backend: str = field(default="vllm", metadata={"help": "vllm (offline engine on --pretrain) or openai (a server at --base_url)", "check": ("vllm", "openai")})
+    pretrain: str = field(default="", metadata={"help": "policy (HF folder or hub name); for openai: optional tokenizer for --prompt_max_len", "path": "model"})
     model: str = field(default="", metadata={"help": "name written in each row; openai: the served model (default: the server's first)"})
     # sampling
-    temperature: float = 1.0
-    top_p: float = 0.95
-    max_new_tokens: int = field(default=128, metadata={"help": "max tokens per response"})
-    prompt_max_len: int = field(default=1024, metadata={"help": "longer prompts are left-truncated (and counted)"})
-    seed: int = field(default=42, metadata={"help": "per-prompt sampling seeds derive from this and the row id"})
-    max_resample: int = field(default=3, metadata={"help": "extra tries for a prompt that got a blank response"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy, as self_ref.compare_policies uses it)", "check": ">= 0"})
+    top_p: float = field(default=0.95, metadata={"check": "(0, 1]"})
+    max_new_tokens: int = field(default=128, metadata={"help": "max tokens per response", "check": ">= 1"})
+    prompt_max_len: int = field(default=1024, metadata={"help": "longer prompts are left-truncated (and counted)", "check": ">= 1"})
+    seed: int = field(default=42, metadata={"help": "per-prompt sampling seeds derive from this and the row id", "check": ">= 0"})
+    max_resample: int = field(default=3, metadata={"help": "extra tries for a prompt that got a blank response", "check": ">= 0"})
     # vllm backend
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM context (default: prompt_max_len + max_new_tokens)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM context (default: prompt_max_len + max_new_tokens)", "check": ">= 2"})
     dtype: str = field(default="auto", metadata={"help": "vLLM dtype: auto (the model's with CUDA; float32 without, where "
-                                                        "bfloat16 runs but was measured slower: models/vllm_cpu.py) | float32 | bfloat16"})
+                                                        "bfloat16 runs but was measured slower: models/vllm_cpu.py) | float32 | bfloat16",
+                                                "check": ("auto", "float32", "bfloat16", "float16")})
     enforce_eager: bool | None = field(default=None, metadata={"help": "no CUDA graphs / compilation (default: on without CUDA)"})
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = field(default=1, metadata={"check": ">= 1"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"check": "(0, 1]"})
     # openai backend
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible base URL"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
-    concurrency: int = field(default=8, metadata={"help": "requests in flight"})
-    timeout: float = field(default=120.0, metadata={"help": "seconds per request"})
-    max_retries: int = field(default=5, metadata={"help": "retries per request (time-outs, 5xx, dropped connections)"})
+    concurrency: int = field(default=8, metadata={"help": "requests in flight", "check": ">= 1"})
+    timeout: float = field(default=120.0, metadata={"help": "seconds per request", "check": "> 0"})
+    max_retries: int = field(default=5, metadata={"help": "retries per request (time-outs, 5xx, dropped connections)", "check": ">= 0"})
 
     def __post_init__(self):
+        check_fields(self)
         if not self.input or not self.output:
             raise ConfigError("--input and --output are required")
-        if self.backend not in ("vllm", "openai"):
-            raise ConfigError(f"--backend must be vllm or openai, got {self.backend!r}")
         if self.backend == "vllm" and not self.pretrain:
             raise ConfigError("--backend vllm needs --pretrain (the policy to sample from)")
-        for name in ("max_new_tokens", "prompt_max_len", "concurrency"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_resample < 0 or self.max_retries < 0:
-            raise ConfigError("--max_resample and --max_retries must be >= 0")
 
 
 # --- rows, ids, resume -------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from self_ref.client import OpenAIClient
 from self_ref.prompts import JudgePrompts
 from self_ref.verdict import parse_verdict, verdict_prefix_end
 from self_ref.votes import AGGREGATES, Vote, aggregate_votes, debias_votes, logit, sigmoid
-from training.config import ConfigError
+from training.config import ConfigError, check_fields
 
 MODES = ("self_reference", "direct")
 DEBIAS = ("none", "pair")
@@ -99,12 +99,12 @@ class JudgeFlags:
     """The judge's method: the same flags (names and defaults) in ``self_ref.label``."""
 
     prompts: str | None = field(default=None, metadata={"help": "prompt templates YAML (default configs/self_ref_prompts.yaml, the paper's layout; a ~100M judge: --config configs/judge_small.yaml, which names configs/judge_small_prompts.yaml)"})
-    num_votes: int = field(default=2, metadata={"help": "judgements per pair, orders alternating (even: balanced)"})
-    temperature: float = field(default=0.0, metadata={"help": "sampling temperature of the own answer and the first round of votes"})
-    vote_temperature: float = field(default=0.7, metadata={"help": "temperature of votes after the first round (self-consistency)"})
-    max_tokens: int = field(default=512, metadata={"help": "max critique tokens before the verdict; 0: no critique, the verdict labels are scored right after the request"})
-    reference_max_tokens: int = field(default=512, metadata={"help": "max tokens of the judge's own answer"})
-    max_parse_retries: int = field(default=2, metadata={"help": "re-asks of a critique without a verdict line"})
+    num_votes: int = field(default=2, metadata={"help": "judgements per pair, orders alternating (even: balanced)", "check": ">= 1"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature of the own answer and the first round of votes", "check": ">= 0"})
+    vote_temperature: float = field(default=0.7, metadata={"help": "temperature of votes after the first round (self-consistency)", "check": ">= 0"})
+    max_tokens: int = field(default=512, metadata={"help": "max critique tokens before the verdict; 0: no critique, the verdict labels are scored right after the request", "check": ">= 0"})
+    reference_max_tokens: int = field(default=512, metadata={"help": "max tokens of the judge's own answer", "check": ">= 1"})
+    max_parse_retries: int = field(default=2, metadata={"help": "re-asks of a critique without a verdict line", "check": ">= 0"})
     score_verdict: bool = field(default=True, metadata={"help": "strength from the labels' log-probs (--no-score_verdict: the text's verdict only)"})
     verdict: str = field(default="pair", metadata={"help": "verdict format: pair (both responses, label A/B: the paper's) | pointwise (each response checked against the own answer, yes/no)"})
     debias: str = field(default="none", metadata={"help": "position-bias correction: none | pair (remove the pair's mean log-odds of label A)"})
@@ -114,10 +114,8 @@ class JudgeFlags:
     seed: int = 0
 
     def check_judge_flags(self) -> None:
-        if self.num_votes < 1:
-            raise ConfigError("--num_votes must be >= 1")
-        if self.max_tokens < 0 or self.reference_max_tokens < 1:
-            raise ConfigError("--max_tokens must be >= 0 and --reference_max_tokens >= 1")
+        """Every field's rule (those of the command's own config too), then the choices."""
+        check_fields(self)
         bad = bad_choice(self, {k: v for k, v in CHOICES.items() if k != "mode"})  # --mode: each command's own
         if bad:
             name, value, allowed = bad

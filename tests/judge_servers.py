@@ -337,3 +337,194 @@ class FaultProxy:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         writer.write(head + (body if cut_at is None else body[:cut_at]))
         await writer.drain()
+
+
+# --- A hand-written OpenAI-like judge for error statuses (stdlib http.server, no model) ----------
+
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+
+def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> tuple[int, dict, dict]:
+    """An OpenAI-style error answer: ``(status, headers, {"error": {"message", "type", "code"}})``."""
+    return status, {}, {"error": {"message": message, "type": kind, "code": status}}
+
+
+def chat_completion(content: str, model: str = "judge") -> dict:
+    """A minimal ``/v1/chat/completions`` answer with ``content`` (no log-probs)."""
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+class FakeJudgeServer:
+    """A tiny OpenAI-like judge on 127.0.0.1 (``http.server`` in a thread), for the error paths:
+    every request goes to ``handler(method, path, body) -> (status, headers, body_dict) | None``
+    (None: the default behaviour: an lmdeploy-like server that lists ``models``, answers each chat
+    completion with ``reply`` (a text, or a function of the request body), has no ``/tokenize`` (404) and rejects vLLM's request fields
+    (400)). HTTP/1.0: one connection per request, so ``stop()`` leaves nothing answering. Every
+    request is logged in ``requests`` as ``(time, method, path, body)``. ``die_after``: after that
+    many chat completions the server closes its port (a server that dies midway)."""
+
+    def __init__(self, handler=None, *, port: int = 0, reply: str = "Both are fine.\nVerdict: A",
+                 models: tuple[str, ...] = ("judge",), die_after: int | None = None):
+        self.handler = handler
+        self.reply = reply
+        self.models = models
+        self.die_after = die_after
+        self.requests: list[tuple[float, str, str, dict | None]] = []
+        self.chats = 0
+        self._lock = threading.Lock()
+        self._dead = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _serve(self, method: str):
+                import time as _time
+
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = None
+                if outer._dead.is_set():
+                    self.close_connection = True
+                    return  # no answer at all
+                with outer._lock:
+                    outer.requests.append((_time.monotonic(), method, self.path, body))
+                answer = outer.handler(method, self.path, body) if outer.handler else None
+                if answer is None:
+                    answer = outer.default(method, self.path, body)
+                if answer == "die":
+                    outer.kill()
+                    self.close_connection = True
+                    return
+                status, headers, payload = answer
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                for k, v in headers.items():
+                    self.send_header(k, str(v))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._serve("GET")
+
+            def do_POST(self):
+                self._serve("POST")
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that hung up: not news
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)
+
+        self._httpd = Server((HOST, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}/v1"
+
+    def default(self, method: str, path: str, body: dict | None):
+        if path.rstrip("/").endswith("/models"):
+            return 200, {}, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
+        if path.endswith("/chat/completions") and isinstance(body, dict):
+            vllm_only = sorted(set(body) & set(VLLM_EXTENSIONS))
+            if vllm_only:
+                return 400, {}, {"object": "error", "type": "invalid_request_error", "code": 400,
+                                 "message": f"unsupported field(s) {', '.join(vllm_only)}"}
+            if body.get("model") not in self.models:
+                return openai_error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+            with self._lock:
+                self.chats += 1
+                n = self.chats
+            if self.die_after is not None and n > self.die_after:
+                return "die"
+            content = self.reply(body) if callable(self.reply) else self.reply
+            return 200, {}, chat_completion(content, body["model"])
+        return 404, {}, {"detail": "Not Found"}
+
+    def chat_requests(self) -> list[tuple[float, str, str, dict | None]]:
+        return [r for r in self.requests if r[2].endswith("/chat/completions")]
+
+    def start(self) -> "FakeJudgeServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-judge", daemon=True)
+        self._thread.start()
+        return self
+
+    def kill(self) -> None:
+        """Stop answering and close the port (from any thread, a handler's included)."""
+        if self._dead.is_set():
+            return
+        self._dead.set()
+        threading.Thread(target=self._close, daemon=True).start()
+
+    def _close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def stop(self) -> None:
+        if not self._dead.is_set():
+            self._dead.set()
+            self._close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "FakeJudgeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- vLLM made to look like lmdeploy: none of vLLM's extensions ---------------------------------
+
+# The request fields only vLLM takes (self_ref.client sends them to score verdict labels) ...
+VLLM_EXTENSIONS = ("prompt_logprobs", "continue_final_message", "add_generation_prompt", "logprob_token_ids",
+                   "return_tokens_as_token_ids", "return_token_ids", "echo", "add_special_tokens")
+# ... and its endpoints outside the OpenAI API.
+VLLM_ENDPOINTS = ("/tokenize", "/detokenize")
+
+
+class NoExtensionsProxy(FaultProxy):
+    """A proxy in front of a vLLM server that refuses vLLM's extensions the way a server without
+    them (lmdeploy) does: HTTP 400 for a request carrying any field of ``VLLM_EXTENSIONS``, 404 for
+    ``/tokenize`` and ``/detokenize``; everything else is forwarded unchanged. ``refused`` counts
+    the refusals per field / endpoint."""
+
+    def __init__(self, target: str, **kw):
+        super().__init__(target, **kw)
+        self.refused: dict[str, int] = {}
+
+    async def _handle_request(self, request, writer: asyncio.StreamWriter) -> bool:
+        method, target, headers, body, keep_alive = request
+        path = target.split("?", 1)[0]
+        refusal = None
+        if any(path.rstrip("/").endswith(e) for e in VLLM_ENDPOINTS):
+            refusal = 404, {"detail": "Not Found"}, path.rsplit("/", 1)[-1]
+        else:
+            try:
+                data = json.loads(body) if body else None
+            except ValueError:
+                data = None
+            found = sorted(set(data) & set(VLLM_EXTENSIONS)) if isinstance(data, dict) else []
+            if found:
+                refusal = 400, {"object": "error", "type": "invalid_request_error", "code": 400,
+                                "message": f"unsupported field(s): {', '.join(found)}"}, ",".join(found)
+        if refusal is None:
+            return await super()._handle_request(request, writer)
+        status, payload, what = refusal
+        self.refused[what] = self.refused.get(what, 0) + 1
+        await self._respond(writer, status, [("Content-Type", "application/json")], json.dumps(payload).encode(), keep_alive)
+        return keep_alive

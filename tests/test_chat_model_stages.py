@@ -230,7 +230,7 @@ def test_trainer_scores_through_a_ray_reward_worker_equal_rm_training(tiny_model
 
     cfg = parse_config(RLConfig, ["--pretrain", str(tiny_model_dir), "--reward_pretrain", str(tmp_path / "rm"),
                                   "--prompt_data", "unused", "--missing_eos_penalty", "0.75",
-                                  "--rollout_batch_size", "1", "--train_batch_size", "1", "--packing_samples"])
+                                  "--rollout_batch_size", "1", "--train_batch_size", "1", "--packing_samples"], paths=False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": worker_env_vars()})
     try:

@@ -201,11 +201,11 @@ def test_openai_server_ignoring_n_and_blank_responses(tmp_path, prompts_file, mo
     assert not any("colour" in json.dumps(r["message"]) for r in rows)
 
 
-def test_bad_prompt_row_stops_with_file_row_field(tmp_path):
+def test_bad_prompt_row_stops_with_file_row_field(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"message": "fine"}) + "\n" +
                    json.dumps({"message": [{"role": "robot", "content": "beep"}]}) + "\n")
-    proc = run_cli("--pretrain", "unused", "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), timeout=300)
+    proc = run_cli("--pretrain", str(tiny_model_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {bad}:2: field 'message[0].role': expected one of system, user, assistant, got 'robot'")

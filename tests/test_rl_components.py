@@ -105,50 +105,50 @@ BASE = ["--pretrain", "p", "--reward_pretrain", "r", "--prompt_data", "d"]
     (BASE + ["--rollout_batch_size", "6", "--train_batch_size", "4"], "must divide the samples of a rollout"),
     (BASE + ["--actor_num_gpus_per_node", "3", "--rollout_batch_size", "8", "--train_batch_size", "8"],
      "must split evenly over the 3 actor rank"),
-    (BASE + ["--kl_estimator", "k4"], "--kl_estimator must be k1, k2 or k3"),
+    (BASE + ["--kl_estimator", "k4"], "--kl_estimator must be one of k1, k2, k3"),
     (BASE + ["--async_train", "--policy_loss", "reinforce"], "needs the importance ratio to the behaviour policy"),
     (BASE + ["--async_train", "--old_logprobs", "trainer"], "can only come from the sampler"),
-    (BASE + ["--weight_sync", "nccl"], "--weight_sync must be auto, object_store or broadcast"),
+    (BASE + ["--weight_sync", "nccl"], "--weight_sync must be one of auto, object_store, broadcast"),
     (BASE + ["--weight_sync", "broadcast", "--rollout_backend", "hf"], "needs --rollout_backend vllm"),
-    (BASE + ["--missing_eos_penalty", "-1"], "--missing_eos_penalty must be a finite value >= 0"),
-    (BASE + ["--missing_eos_penalty", "nan"], "--missing_eos_penalty must be a finite value >= 0"),
+    (BASE + ["--missing_eos_penalty", "-1"], "--missing_eos_penalty must be >= 0, got -1.0"),
+    (BASE + ["--missing_eos_penalty", "nan"], "--missing_eos_penalty must be a finite number, got nan"),
 ])
 def test_config_errors_are_one_clear_line(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        parse_config(RLConfig, flags)
+        parse_config(RLConfig, flags, paths=False)
 
 
 def test_policy_loss_and_clip_defaults_follow_the_estimator():
-    remax = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax"])
+    remax = parse_config(RLConfig, paths=False, argv=BASE + ["--advantage_estimator", "remax"])
     assert remax.effective_policy_loss == "reinforce" and remax.effective_reward_clip == 5.0
     assert not remax.uses_critic and not remax.effective_whiten
-    ppo = parse_config(RLConfig, BASE)
+    ppo = parse_config(RLConfig, paths=False, argv=BASE)
     assert ppo.effective_policy_loss == "ppo" and ppo.effective_reward_clip == 10.0 and ppo.effective_whiten
-    remax_async = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax", "--async_train"])
+    remax_async = parse_config(RLConfig, paths=False, argv=BASE + ["--advantage_estimator", "remax", "--async_train"])
     assert remax_async.effective_policy_loss == "ppo"  # the ratio to the behaviour policy is required
     # old log-probs: the sampler's where nothing needs the trainer's (async; REINFORCE in fp32)
     assert remax.effective_old_logprobs == "sampler" and remax_async.effective_old_logprobs == "sampler"
     assert ppo.effective_old_logprobs == "trainer"
-    remax_bf16 = parse_config(RLConfig, BASE + ["--advantage_estimator", "remax", "--bf16"])
+    remax_bf16 = parse_config(RLConfig, paths=False, argv=BASE + ["--advantage_estimator", "remax", "--bf16"])
     assert remax_bf16.effective_old_logprobs == "trainer"
     assert ppo.missing_eos_penalty is None  # TRL's default: no penalty
-    assert parse_config(RLConfig, BASE + ["--missing_eos_penalty", "1.5"]).missing_eos_penalty == 1.5
+    assert parse_config(RLConfig, paths=False, argv=BASE + ["--missing_eos_penalty", "1.5"]).missing_eos_penalty == 1.5
 
 
 def test_weight_sync_auto_broadcasts_only_with_gpus_and_vllm():
     from rl.trainer import resolve_weight_sync
 
-    cfg = parse_config(RLConfig, BASE)
+    cfg = parse_config(RLConfig, paths=False, argv=BASE)
     assert resolve_weight_sync(cfg, use_gpu=True) == "broadcast"
     assert resolve_weight_sync(cfg, use_gpu=False) == "object_store"
-    assert resolve_weight_sync(parse_config(RLConfig, BASE + ["--rollout_backend", "hf"]), use_gpu=True) == "object_store"
-    assert resolve_weight_sync(parse_config(RLConfig, BASE + ["--weight_sync", "broadcast"]), use_gpu=False) == "broadcast"
+    assert resolve_weight_sync(parse_config(RLConfig, paths=False, argv=BASE + ["--rollout_backend", "hf"]), use_gpu=True) == "object_store"
+    assert resolve_weight_sync(parse_config(RLConfig, paths=False, argv=BASE + ["--weight_sync", "broadcast"]), use_gpu=False) == "broadcast"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
                                         if p.name.startswith(("ppo", "remax"))))
 def test_shipped_rl_configs_parse(name):
-    cfg = parse_config(RLConfig, ["--config", str(ROOT / "configs" / name)] + BASE)
+    cfg = parse_config(RLConfig, ["--config", str(ROOT / "configs" / name)] + BASE, paths=False)
     assert cfg.advantage_estimator in ("gae", "remax")
 
 

@@ -131,7 +131,9 @@ def _kill_after(args, ckpt: Path, iteration: int, timeout=600):
 
 
 def test_killed_run_resumes_like_an_uninterrupted_one(models, tmp_path):
-    common = dict(max_iterations=4, save_steps=2)
+    # the HF engine (seeded like vLLM): what is tested is the driver's and the workers' state;
+    # three vLLM start-ups would triple the cost, and the other runs here cover vLLM's weight sync
+    common = dict(max_iterations=4, save_steps=2, rollout_backend="hf")
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     run_rl(rl_args(models, ref, "ppo", ckpt_path=ref / "ckpt", **common))
     args = rl_args(models, killed, "ppo", ckpt_path=killed / "ckpt", **common)

@@ -399,9 +399,10 @@ def test_vllm_weight_broadcast_from_a_gloo_group(vllm_engine, hf_model, actor, p
     new_model = perturbed_model(hf_model)
     greedy = SamplingConfig(max_new_tokens=GEN_MAX).greedy()
     group = BroadcastGroup()
-    host, port = group.open(world_size=2)
-    joined = handle.join_weight_group.remote(host, port, 1, 2, "gloo")
-    group.join(host, port, 0, 2, "gloo")
+    host, port, token = group.open(world_size=2)  # engine on this node: bound to 127.0.0.1
+    assert host == "127.0.0.1"
+    joined = handle.join_weight_group.remote(host, port, token, 1, 2, "gloo")
+    group.join(host, port, token, 0, 2, "gloo")
     ray.get(joined, timeout=120)
     try:
         received = handle.receive_weights.remote()

@@ -15,6 +15,14 @@ from typing import Iterator, Sequence
 import torch
 
 from models.packing import balanced_micro_batches
+from training.config import ConfigError
+
+
+def check_fills_a_batch(num_samples: int, train_batch_size: int, what: str = "training samples") -> None:
+    """Every step takes a full global batch: the data must fill one (checked before the model loads)."""
+    if num_samples < train_batch_size:
+        raise ConfigError(f"{num_samples} usable {what} cannot fill one global batch of --train_batch_size "
+                          f"{train_batch_size}: lower it or add data")
 
 
 @dataclass
@@ -24,11 +32,7 @@ class EpochSampler:
     seed: int
 
     def __post_init__(self):
-        if self.num_samples < self.train_batch_size:
-            raise ValueError(
-                f"{self.num_samples} training samples cannot fill one global batch of "
-                f"train_batch_size={self.train_batch_size}; lower --train_batch_size or add data"
-            )
+        check_fills_a_batch(self.num_samples, self.train_batch_size)
 
     @property
     def steps_per_epoch(self) -> int:

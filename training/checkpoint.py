@@ -28,15 +28,24 @@ def _rank() -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in plain types (ints, lists, tuples, ByteTensors), so that it loads with
+    ``torch.load(..., weights_only=True)``: numpy's key array becomes a list of ints."""
+    algorithm, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"algorithm": str(algorithm), "key": [int(k) for k in key], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["algorithm"], np.asarray(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -55,14 +64,16 @@ def save_model_state(folder, model, optimizer, scheduler) -> None:
 
 def load_model_state(folder, model, optimizer, scheduler) -> None:
     """Restore what ``save_model_state`` wrote (RNG only when this rank's file exists: it does
-    not when resuming at another world size, and the RNG then restarts)."""
+    not when resuming at another world size, and the RNG then restarts). Every file loads with
+    ``weights_only=True``: a checkpoint cannot run code (one written before RNG states were
+    stored in plain types, with a numpy array, is refused)."""
     folder = Path(folder)
     load_sharded(folder, model, [optimizer] if optimizer is not None else [])
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng_file = folder / f"rng_rank{_rank()}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 def mark_latest(root, folder: Path, keep: int) -> None:

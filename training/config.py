@@ -3,12 +3,25 @@
 Flags keep the seed system's names (``--pretrain``, ``--zero_stage``, ``--packing_samples`` ...);
 booleans accept ``--flag`` / ``--no-flag``. A YAML key that is not a field, or a value of the wrong
 type, stops with an error naming the file and the key.
+
+Everything is checked before any heavy work (process group, Ray, model load, server):
+
+* values, by the ``check`` rule in a field's metadata (``check_fields``, from each config's
+  ``__post_init__``): ``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ``"-1 or >= 1"``, or a tuple of choices;
+  every float must be finite;
+* paths, by the ``path`` kind in a field's metadata (``check_paths``, from ``parse_config``):
+  ``model`` (an existing model folder, or a Hub id that resolves), ``data`` (existing files),
+  ``output`` (creatable and writable, never one of the inputs).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -55,7 +68,13 @@ def load_yaml(cls: type[T], path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     hints = typing.get_type_hints(cls)
@@ -66,8 +85,17 @@ def load_yaml(cls: type[T], path: str | Path) -> dict[str, Any]:
     return {k: _coerce(v, hints[k], f"{path}: option {k!r}") for k, v in data.items()}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag ends with one ``error:`` line and exit 2 (argparse's own code), not the usage."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
+    parser = OneLineParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--config", default=None, help="YAML file of option: value (flags override it)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -76,6 +104,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             f.default_factory() if f.default_factory is not MISSING else None)
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if "check" in f.metadata:
+            help_text += f"; {_rule_text(f.metadata['check'])}"
         if tp is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -84,15 +114,201 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
-def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
-    """Dataclass defaults, then the ``--config`` YAML, then explicit command-line flags."""
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None,
+                 paths: bool = True) -> T:
+    """Dataclass defaults, then the ``--config`` YAML, then explicit command-line flags; checked
+    (values always, paths unless ``paths=False``: tests of the value rules on made-up paths)."""
     args = build_parser(cls, description).parse_args(argv)
     values: dict[str, Any] = load_yaml(cls, args.config) if args.config else {}
     for f in dataclasses.fields(cls):
         flag = getattr(args, f.name)
         if flag is not None:
             values[f.name] = flag
-    return cls(**values)
+    cfg = cls(**values)
+    if paths:
+        check_paths(cfg)
+    return cfg
+
+
+# --- Value rules (metadata "check") ------------------------------------------------------------
+
+_CMP = re.compile(r"^(>=|<=|>|<)\s*(-?[\d.e+-]+)$")
+_INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([\])])$")
+
+
+def _rule_text(rule) -> str:
+    if isinstance(rule, (tuple, list)):
+        return "must be one of " + ", ".join(map(str, rule))
+    return f"must be in {rule}" if rule[0] in "[(" else f"must be {rule}"
+
+
+def satisfies(value, rule) -> bool:
+    """``value`` against one rule: choices (tuple), ``"> 0"``, ``"[0, 1)"``, ``"-1 or >= 1"``."""
+    if isinstance(rule, (tuple, list)):
+        return value in rule
+    for alt in (a.strip() for a in rule.split(" or ")):
+        if m := _CMP.match(alt):
+            op, x = m.group(1), float(m.group(2))
+            if {">": value > x, ">=": value >= x, "<": value < x, "<=": value <= x}[op]:
+                return True
+        elif m := _INTERVAL.match(alt):
+            lo, hi = float(m.group(2)), float(m.group(3))
+            if (lo < value if m.group(1) == "(" else lo <= value) and (value < hi if m.group(4) == ")" else value <= hi):
+                return True
+        elif value == type(value)(alt):
+            return True
+    return False
+
+
+def check_fields(cfg) -> None:
+    """Every field of ``cfg`` against its ``check`` rule; every float finite. One ``ConfigError``
+    naming the flag for the first that fails."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+        rule = f.metadata.get("check")
+        if rule is not None and not satisfies(value, rule):
+            raise ConfigError(f"--{f.name} {_rule_text(rule)}, got {value!r}")
+
+
+def split_list(value: str | None) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (blank items dropped)."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def float_list(flag: str, value: str, count: int | None = None, what: str = "") -> list[float]:
+    """Comma-separated finite numbers, ``count`` of them when given."""
+    items = split_list(value)
+    try:
+        numbers = [float(v) for v in items]
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r}: expected comma-separated numbers") from None
+    bad = [v for v in numbers if not math.isfinite(v)]
+    if bad:
+        raise ConfigError(f"{flag} {value!r}: every value must be a finite number")
+    if count is not None and len(numbers) != count:
+        raise ConfigError(f"{flag} has {len(numbers)} value(s) for {count} {what}: give exactly {count}")
+    return numbers
+
+
+def world_size() -> int:
+    """Ranks of this job as torchrun announces them (1 for a plain ``python`` run)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+# --- Path rules (metadata "path") --------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _looks_local(value: str) -> bool:
+    """A path, not a Hub id: absolute, ``./``, ``~``, more than one ``/``, or under a folder that exists."""
+    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or not _HUB_ID.match(value):
+        return True
+    return "/" in value and Path(value.split("/")[0]).is_dir()
+
+
+def check_model_path(flag: str, value: str) -> None:
+    """A local model folder (config.json and tokenizer files), or a Hub id that is cached or that
+    the Hub knows. Nothing is downloaded here."""
+    p = Path(value).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{flag} {value}: a file, not a model folder")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{flag} {value}: not a model folder (no config.json)")
+        if not any((p / n).is_file() for n in TOKENIZER_FILES):
+            raise ConfigError(f"{flag} {value}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)})")
+        return
+    if _looks_local(value):
+        raise ConfigError(f"{flag} {value}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(value, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", "", "false"):
+        raise ConfigError(f"{flag} {value}: no such folder, and not in the Hub cache (offline mode)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(value, timeout=10)
+    except GatedRepoError:
+        return  # exists; loading will need a token
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{flag} {value}: no such folder, and no such model on the Hub") from None
+    except Exception as e:  # noqa: BLE001 -- no network: say so now, not after a minute of retries
+        raise ConfigError(f"{flag} {value}: no such folder, and the Hub cannot be reached to look it up "
+                          f"({type(e).__name__})") from None
+
+
+def check_data_path(flag: str, value: str) -> None:
+    """Every comma-separated data file or ``save_to_disk`` folder exists (contents are checked
+    row by row when read)."""
+    if not split_list(value):
+        raise ConfigError(f"{flag} is empty")
+    for item in split_list(value):
+        if not Path(item).expanduser().exists():
+            raise ConfigError(f"{flag} {item}: no such file or folder")
+
+
+def check_output_path(flag: str, value: str, kind: str = "dir") -> None:
+    """``value`` can be created (or is already a ``kind``) and written."""
+    p = Path(value).expanduser()
+    if p.exists():
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"{flag} {value}: a file is there, expected a folder")
+        if kind == "file" and p.is_dir():
+            raise ConfigError(f"{flag} {value}: a folder is there, expected a file")
+    if p.is_file() and not os.access(p, os.W_OK):
+        raise ConfigError(f"{flag} {value}: the file is not writable")
+    parent = p if p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {value}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {value}: {parent} is not writable")
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """The same file or folder (links and relative spellings resolved)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_paths(cfg) -> None:
+    """The ``path`` fields of ``cfg``: inputs exist, outputs are writable and none is an input."""
+    inputs: list[tuple[str, str]] = []
+    outputs: list[tuple[str, str, str]] = []
+    for f in dataclasses.fields(cfg):
+        kind, value = f.metadata.get("path"), getattr(cfg, f.name)
+        if not kind or value in (None, ""):
+            continue
+        flag = f"--{f.name}"
+        if kind == "model":
+            for item in split_list(value):
+                check_model_path(flag, item)
+                inputs.append((flag, item))
+        elif kind == "data":
+            check_data_path(flag, value)
+            inputs += [(flag, item) for item in split_list(value)]
+        elif kind in ("output", "output_file"):
+            check_output_path(flag, value, "file" if kind == "output_file" else "dir")
+            outputs.append((flag, value))
+    for out_flag, out in outputs:
+        for in_flag, item in inputs:
+            if Path(item).expanduser().exists() and same_path(out, item):
+                raise ConfigError(f"{out_flag} {out} is also {in_flag}: an output must not overwrite an input")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -104,17 +320,17 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 @dataclass
 class DistributedArgs:
-    zero_stage: int = field(default=3, metadata={"help": "3: reshard params after forward (ZeRO-3); 2: keep them for backward (ZeRO-2)"})
+    zero_stage: int = field(default=3, metadata={"help": "3: reshard params after forward (ZeRO-3); 2: keep them for backward (ZeRO-2). FSDP2 always shards parameters, gradients and optimizer states, so there is no ZeRO-1", "check": (2, 3)})
     bf16: bool = field(default=False, metadata={"help": "bf16 compute with fp32 master weights, optimizer states and gradient reduction (FSDP2 mixed precision; frozen RL models load bf16 weights). Off by default: on a CPU without AVX512-BF16/AMX (AVX2 only, like our 2-core machines) every bf16 stage measured slower than fp32 (benchmarks/bf16_cpu.py)"})
     flash_attn: bool = field(default=False, metadata={"help": "require flash-attn varlen kernels (auto-selected on CUDA when installed)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder-layer activations in backward"})
-    seed: int = field(default=42, metadata={"help": "random seed"})
+    seed: int = field(default=42, metadata={"help": "random seed", "check": ">= 0"})
 
 
 @dataclass
 class LoggingArgs:
-    logging_path: str | None = field(default=None, metadata={"help": "folder for metrics.jsonl (and tensorboard/wandb files)"})
-    logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
+    logging_path: str | None = field(default=None, metadata={"help": "folder for metrics.jsonl (and tensorboard/wandb files)", "path": "output"})
+    logging_steps: int = field(default=1, metadata={"help": "write metrics every N steps (optimizer steps; RL: iterations) and at the last", "check": ">= 1"})
     use_wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (WANDB_MODE=offline works without network)"})
     wandb_project: str = field(default="self-ref-rlhf", metadata={"help": "wandb project"})
     wandb_run_name: str | None = field(default=None, metadata={"help": "wandb run name"})
@@ -123,32 +339,78 @@ class LoggingArgs:
 
 @dataclass
 class TrainDataArgs:
-    dataset: str = field(default="", metadata={"help": "comma-separated jsonl/json/parquet files or save_to_disk folders"})
+    dataset: str = field(default="", metadata={"help": "comma-separated jsonl/json/parquet files or save_to_disk folders", "path": "data"})
     dataset_probs: str | None = field(default=None, metadata={"help": "comma-separated mixing weights, one per dataset"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation files (else --eval_split of each dataset)"})
-    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation files (else --eval_split of each dataset)", "path": "data"})
+    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation", "check": "[0, 1)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed rows instead of stopping"})
-    max_len: int = field(default=2048, metadata={"help": "max tokens per sample"})
+    max_len: int = field(default=2048, metadata={"help": "max tokens per sample", "check": ">= 2"})
 
 
 @dataclass
 class TrainLoopArgs:
-    train_batch_size: int = field(default=256, metadata={"help": "samples (pairs for RMs) per optimizer step, all ranks together"})
-    micro_train_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch per rank (without packing)"})
+    train_batch_size: int = field(default=256, metadata={"help": "samples (pairs for RMs) per optimizer step, all ranks together", "check": ">= 1"})
+    micro_train_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch per rank (without packing)", "check": ">= 1"})
     packing_samples: bool = field(default=False, metadata={"help": "pack samples into rows (no padding), varlen attention"})
-    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a packed micro-batch (default: micro_train_batch_size x max_len, x2 for pairs)"})
-    max_epochs: int = 1
-    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: all epochs)"})
-    learning_rate: float = 1e-5
-    l2: float = field(default=0.0, metadata={"help": "weight decay"})
-    lr_warmup_ratio: float = 0.03
-    max_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    eval_steps: int = field(default=-1, metadata={"help": "evaluate every N steps (-1: at the end only)"})
+    packing_max_tokens: int | None = field(default=None, metadata={"help": "token budget of a packed micro-batch (default: micro_train_batch_size x max_len, x2 for pairs)", "check": ">= 1"})
+    max_epochs: int = field(default=1, metadata={"check": ">= 1"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: all epochs)", "check": "-1 or >= 1"})
+    learning_rate: float = field(default=1e-5, metadata={"check": "> 0"})
+    l2: float = field(default=0.0, metadata={"help": "weight decay", "check": ">= 0"})
+    lr_warmup_ratio: float = field(default=0.03, metadata={"help": "share of the steps with a linear warm-up", "check": "[0, 1]"})
+    max_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm", "check": "> 0"})
+    eval_steps: int = field(default=-1, metadata={"help": "evaluate every N steps (-1: at the end only)", "check": "-1 or >= 1"})
 
 
 @dataclass
 class CheckpointArgs:
-    save_path: str | None = field(default=None, metadata={"help": "HF folder written at the end and every --save_steps"})
-    save_steps: int = field(default=-1, metadata={"help": "save (and checkpoint) every N steps; -1: at the end only"})
-    ckpt_path: str | None = field(default=None, metadata={"help": "resumable state; a rerun with the same command resumes"})
-    max_ckpt_num: int = field(default=2, metadata={"help": "checkpoints kept in --ckpt_path"})
+    save_path: str | None = field(default=None, metadata={"help": "HF folder written at the end and every --save_steps", "path": "output"})
+    save_steps: int = field(default=-1, metadata={"help": "save (and checkpoint) every N steps; -1: at the end only", "check": "-1 or >= 1"})
+    ckpt_path: str | None = field(default=None, metadata={"help": "resumable state; a rerun with the same command resumes", "path": "output"})
+    max_ckpt_num: int = field(default=2, metadata={"help": "checkpoints kept in --ckpt_path", "check": ">= 1"})
+
+
+def check_libraries(cfg) -> None:
+    """Flags that need an optional library: say so now, not after the model loaded."""
+    import importlib.util
+
+    for flag, module, hint in (("use_wandb", "wandb", "pip install wandb"),
+                               ("use_tensorboard", "tensorboard", "pip install tensorboard")):
+        if getattr(cfg, flag, False) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--{flag} needs the {module} package, which is not installed ({hint})")
+    if getattr(cfg, "flash_attn", False):
+        import torch
+
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("--flash_attn needs the flash-attn package, which is not installed "
+                              "(pip install flash-attn --no-build-isolation), or drop the flag for the SDPA fallback")
+
+
+def check_data_mix(files: str, probs: str | None, eval_files: str | None, eval_split: float,
+                   names: tuple[str, str, str]) -> None:
+    """One positive mixing weight per file, and one source of evaluation data.
+    ``names``: (the weights' flag, what the files are, the eval files' flag)."""
+    probs_flag, what, eval_flag = names
+    if probs is not None and any(w <= 0 for w in float_list(probs_flag, probs, len(split_list(files)), what)):
+        raise ConfigError(f"{probs_flag} {probs!r}: every mixing weight must be > 0")
+    if eval_files and eval_split:
+        raise ConfigError(f"{eval_flag} and --eval_split both name the evaluation data: give one")
+
+
+def check_trainer_config(cfg) -> None:
+    """The checks SFT and RM training share (from their ``__post_init__``): field rules, one
+    positive mixing weight per dataset, one source of eval data, and a global batch that splits
+    over the ranks (``WORLD_SIZE``, set by torchrun) into whole micro-batches."""
+    check_fields(cfg)
+    check_libraries(cfg)
+    if not cfg.pretrain or not cfg.dataset:
+        raise ConfigError("--pretrain and --dataset are required")
+    check_data_mix(cfg.dataset, cfg.dataset_probs, cfg.eval_dataset, cfg.eval_split,
+                   ("--dataset_probs", "datasets", "--eval_dataset"))
+    world = world_size()
+    if cfg.train_batch_size % world:
+        raise ConfigError(f"--train_batch_size {cfg.train_batch_size} must divide by the {world} ranks")
+    per_rank = cfg.train_batch_size // world
+    if not cfg.packing_samples and per_rank % cfg.micro_train_batch_size:
+        raise ConfigError(f"--micro_train_batch_size {cfg.micro_train_batch_size} must divide the "
+                          f"{per_rank} samples per rank (--train_batch_size {cfg.train_batch_size} over {world} ranks)")
