@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -202,7 +204,53 @@ def load_sharded(
     if not Path(path, ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata file)")
     state = _training_state(model, optimizers)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
     set_model_state_dict(model, state["model"])
     for i, opt in enumerate(optimizers):
         set_optimizer_state_dict(model, opt, state[f"optim{i}"])
+
+
+# --- Reading a sharded checkpoint without running its code ------------------------------------
+# torch.distributed.checkpoint unpickles the folder's ``.metadata`` (plain ``pickle.load``) and
+# its non-tensor entries (torch.load with weights_only off). A checkpoint folder may have been
+# copied from anywhere, so both reads go through the restricted paths below.
+
+_METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
+_METADATA_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                   ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                   ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                   ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a DCP ``.metadata`` file holds (checkpoint metadata dataclasses, torch
+    sizes, dtypes and layouts, paths); anything else is refused before it is built."""
+
+    def find_class(self, module: str, name: str):
+        allowed = ((module in _METADATA_MODULES and not name.startswith("__")) or (module, name) in _METADATA_NAMES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's .metadata; refusing to load it")
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    def load_bytes(self, read_item, value) -> None:
+        """Non-tensor entries (optimizer hyper-parameters) with ``weights_only=True``."""
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
