@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from models.distributed import init_distributed, is_rank0
-from models.fsdp import shard_model
 from models.value_model import RewardModel
 from rlhf_data import PreferenceKeys, validate_preference
 from rlhf_data.collate import collate_pairs
@@ -41,9 +40,9 @@ from training.config import (
     CheckpointArgs, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
     parse_config,
 )
-from training.run import TrainingRun
-from training.step import train_step
 from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
+from training.run import TrainingRun, optim_spec, training_steps
+from training.sharded_model import ShardedModel
 
 
 @dataclass
@@ -145,15 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- processes join only now: every mistake above stopped the run before a process group
     env = init_distributed()
 
-    # ---- model
-    torch.manual_seed(cfg.seed)  # the same fresh score head on every rank
-    model = RewardModel.from_pretrained(cfg.pretrain, with_lm_head=cfg.loss == "logexpwithlm", flash_attn=cfg.flash_attn or None)
-    model.model.config.use_cache = False
-    shard_model(model, zero_stage=cfg.zero_stage, device=env.device, bf16=cfg.bf16,
-                gradient_checkpointing=cfg.gradient_checkpointing, hf_model=model.model)
-    model.train()
-    run = TrainingRun(cfg, env, model, model.model, tokenizer, num_samples=len(train_pairs), name="rm", log=log)
+    # ---- model: sharded, with optimizer and schedule (the seed gives every rank the same fresh score head)
+    def build():
+        rm = RewardModel.from_pretrained(cfg.pretrain, with_lm_head=cfg.loss == "logexpwithlm", flash_attn=cfg.flash_attn or None)
+        return rm, rm.model
+
     token_budget = cfg.packing_max_tokens or 2 * cfg.micro_train_batch_size * cfg.max_len
+    model = ShardedModel(build, env, zero_stage=cfg.zero_stage, bf16=cfg.bf16, seed=cfg.seed,
+                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         optim=optim_spec(cfg, training_steps(cfg, len(train_pairs)), token_budget))
+    run = TrainingRun(cfg, env, model, tokenizer, num_samples=len(train_pairs), name="rm", log=log)
     pad_id = tokenizer.pad_token_id
     lengths = [p.num_tokens for p in train_pairs]
 
@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss, stats = pair_loss(model, pb, cfg, len(indices), n_lm, env.world_size)
             return loss, stats, pb.batch.num_tokens
 
-        plan = run.plan(indices, lengths, token_budget)
-        totals, grad_norm, processed = train_step(model, plan, micro_loss, run.optimizer, run.scheduler, cfg.max_norm)
+        totals, grad_norm, processed = model.step(model.plan(indices, lengths), micro_loss)
         run.step_done(totals, len(indices), grad_norm, epoch, sum(lengths[i] for i in indices), processed,
                       derive=lambda m: {"loss": m["rm_loss"] + cfg.lm_loss_coef * m.get("lm_loss", 0.0)})
         if eval_pairs and run.every(cfg.eval_steps):

@@ -20,7 +20,6 @@ from transformers import AutoTokenizer
 
 from models.actor import Actor
 from models.distributed import all_reduce_mean, init_distributed, is_rank0
-from models.fsdp import shard_model
 from rlhf_data import validate_conversation
 from rlhf_data.collate import layout_mask, make_batch
 from rlhf_data.mixing import train_eval_rows
@@ -31,8 +30,8 @@ from training.config import (
     CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
     parse_config,
 )
-from training.run import TrainingRun
-from training.step import train_step
+from training.run import TrainingRun, optim_spec, training_steps
+from training.sharded_model import ShardedModel
 
 
 @dataclass
@@ -102,16 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- processes join only now: every mistake above stopped the run before a process group
     env = init_distributed()
-    torch.manual_seed(cfg.seed)
 
-    # ---- model
-    model = Actor.from_pretrained(cfg.pretrain, flash_attn=cfg.flash_attn or None)
-    model.model.config.use_cache = False
-    shard_model(model, zero_stage=cfg.zero_stage, device=env.device, bf16=cfg.bf16,
-                gradient_checkpointing=cfg.gradient_checkpointing, hf_model=model.model)
-    model.train()
-    run = TrainingRun(cfg, env, model, model.model, tokenizer, num_samples=len(train_convs), name="sft", log=log)
+    # ---- model: sharded, with optimizer and schedule
+    def build():
+        actor = Actor.from_pretrained(cfg.pretrain, flash_attn=cfg.flash_attn or None)
+        return actor, actor.model
+
     token_budget = cfg.packing_max_tokens or cfg.micro_train_batch_size * cfg.max_len
+    model = ShardedModel(build, env, zero_stage=cfg.zero_stage, bf16=cfg.bf16, seed=cfg.seed,
+                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         optim=optim_spec(cfg, training_steps(cfg, len(train_convs)), token_budget))
+    run = TrainingRun(cfg, env, model, tokenizer, num_samples=len(train_convs), name="sft", log=log)
     pad_id = tokenizer.pad_token_id
     lengths = [len(c.input_ids) for c in train_convs]
 
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             # this micro-batch's share of the global token mean; the stat sums to it over the batch
             return nll * (env.world_size / n_tokens), {"loss": nll.detach() * (len(indices) / n_tokens)}, batch.num_tokens
 
-        plan = run.plan(indices, lengths, token_budget)
-        totals, grad_norm, processed = train_step(model, plan, micro_loss, run.optimizer, run.scheduler, cfg.max_norm)
+        totals, grad_norm, processed = model.step(model.plan(indices, lengths), micro_loss)
         run.step_done(totals, len(indices), grad_norm, epoch, sum(lengths[i] for i in indices), processed)
         if eval_convs and run.every(cfg.eval_steps):
             run.logger.log(run.step, evaluate(model, eval_convs, cfg, env, pad_id, token_budget))

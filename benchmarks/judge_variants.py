@@ -30,7 +30,7 @@ from self_ref.evaluate import TRUTH_SET, fmt, judge_items, load_truth_set, summa
 from self_ref.judge import JudgeFlags
 from self_ref.prompts import JudgePrompts
 from training.cli import run_cli
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, check_fields, parse_config
 
 RESULTS = Path(__file__).parent / "results"
 SMALL = "configs/judge_small_prompts.yaml"
@@ -85,28 +85,26 @@ class VariantsConfig:
     serve_port: int = field(default=0, metadata={"help": "port of the --serve server (0: a free one)"})
     input: str = str(TRUTH_SET)
     split: str = field(default="dev", metadata={"help": "dev (tuning) | test | all"})
-    variants: str = field(default="all", metadata={"help": f"comma-separated: {', '.join(VARIANTS)} (or all)"})
-    modes: str = field(default="self_reference,direct")
+    variants: list[str] = field(default_factory=lambda: ["all"], metadata={"help": f"{', '.join(VARIANTS)} (or all)"})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": " | ".join(MODES)})
     limit: int = field(default=-1, metadata={"help": "an evenly spaced subset of N pairs (-1: all)"})
     concurrency: int = 16
     timeout: float = 600.0
     output: str = str(RESULTS / "judge_variants.json")
 
     def __post_init__(self):
+        check_fields(self)  # --variants / --modes given in code as "a,b" become lists
         if not self.base_url and not self.serve:
             raise ConfigError("give --base_url (a running judge) or --serve DIR")
         unknown = [v for v in self.names() if v not in VARIANTS]
         if unknown:
             raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-        bad = [m for m in self.mode_list() if m not in MODES]
+        bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ConfigError(f"unknown mode(s) {', '.join(bad)}; known: {', '.join(MODES)}")
 
     def names(self) -> list[str]:
-        return list(VARIANTS) if self.variants == "all" else [v.strip() for v in self.variants.split(",") if v.strip()]
-
-    def mode_list(self) -> list[str]:
-        return [m.strip() for m in self.modes.split(",") if m.strip()]
+        return list(VARIANTS) if self.variants == ["all"] else list(self.variants)
 
 
 def variant_flags(name: str) -> tuple[JudgeFlags, JudgePrompts]:
@@ -141,7 +139,7 @@ async def run_variants(cfg: VariantsConfig, base_url: str, judge_name: str, item
             judge, prompts = variant_flags(name)
             entry = {"description": VARIANTS[name][0], "prompts": VARIANTS[name][1], "prompt_overrides": VARIANTS[name][2],
                      "flags": VARIANTS[name][3], "concurrency": cfg.concurrency, "modes": {}}
-            for mode in cfg.mode_list():
+            for mode in cfg.modes:
                 settings = judge.judge_settings(mode, 0.5)
                 records, failed, seconds = await judge_items(client, prompts, settings, items, cfg.concurrency,
                                                              f"{name} {mode}")

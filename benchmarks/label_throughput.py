@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models.tiny import TinyModelConfig, build_tiny_model
@@ -35,7 +35,7 @@ class LabelBenchmarkConfig:
     intermediate_size: int = 1536
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
-    concurrencies: str = "1,4,16,64"
+    concurrencies: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     min_pairs: int = 24  # pairs per run: max(min_pairs, 2 x concurrency)
     num_votes: int = 2
     max_tokens: int = 64
@@ -61,7 +61,7 @@ def main(argv=None):
     model_dir = cfg.pretrain or str(build_tiny_model(work / "judge", TinyModelConfig(
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads)))
-    levels = [int(c) for c in cfg.concurrencies.split(",")]
+    levels = cfg.concurrencies
     runs = []
     with VLLMServer(model_dir, served_model_name="judge", log_path=work / "server.log") as server:
         print(f"judge server ready in {server.startup_seconds:.0f}s at {server.base_url}")

@@ -43,10 +43,10 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, check_fields, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -72,7 +72,7 @@ class RemaxVsPPOConfig:
     num_hidden_layers: int = 8
     num_attention_heads: int = 12
     # the RL runs (identical settings for both algorithms)
-    algos: str = "ppo,remax"
+    algos: list[str] = field(default_factory=lambda: ["ppo", "remax"])
     iterations: int = 5  # --max_iterations; timed: warmup_iterations + 1 .. iterations - 1
     warmup_iterations: int = 1
     repeats: int = 2  # runs per algorithm, round-robin; per iteration the fastest repeat counts
@@ -100,16 +100,13 @@ class RemaxVsPPOConfig:
     output: str = str(RESULTS / "remax_vs_ppo.json")
 
     def __post_init__(self):
-        if not self.algo_list or any(a not in ESTIMATORS for a in self.algo_list):
-            raise ConfigError(f"--algos: comma-separated from {', '.join(ESTIMATORS)}, got {self.algos!r}")
+        check_fields(self)  # --algos given in code as "a,b" becomes the list
+        if not self.algos or any(a not in ESTIMATORS for a in self.algos):
+            raise ConfigError(f"--algos: comma-separated from {', '.join(ESTIMATORS)}, got {','.join(self.algos)!r}")
         if self.warmup_iterations < 0 or not self.timed_steps:
             raise ConfigError("--iterations must exceed --warmup_iterations + 1 (the last iteration is not timed)")
         if self.repeats < 1 or self.rollout_repeats < 1:
             raise ConfigError("--repeats and --rollout_repeats must be >= 1")
-
-    @property
-    def algo_list(self) -> list[str]:
-        return [a.strip() for a in self.algos.split(",") if a.strip()]
 
     @property
     def timed_steps(self) -> list[int]:
@@ -509,16 +506,16 @@ def main(argv=None):
           f"{model['reward_or_critic_parameters'] / 1e6:.1f}M)", flush=True)
     prompts = write_prompt_file(workdir / "prompts.jsonl", chat_prompts(cfg.num_prompts))
 
-    attempts: dict[str, list[dict]] = {a: [] for a in cfg.algo_list}
+    attempts: dict[str, list[dict]] = {a: [] for a in cfg.algos}
     for rep in range(0 if cfg.rollout_only else cfg.repeats):  # round-robin: a busy spell hits both alike
-        for algo in cfg.algo_list:
+        for algo in cfg.algos:
             run = run_rl(cfg, algo, model_dir, prompts, workdir / f"{algo}_{rep}")
             attempts[algo].append(run)
             print(f"[{algo}] repeat {rep + 1}: {run['wall_seconds']:.0f} s wall; "
                   f"{time_summary([run], cfg.timed_steps)['seconds_per_iteration']:.2f} s/iteration, "
                   f"models {memory_summary(run['rows'])['models_mb']:,.0f} MB", flush=True)
     if cfg.memory_runs and not cfg.rollout_only:
-        for algo in cfg.algo_list:
+        for algo in cfg.algos:
             run = run_rl(cfg, algo, model_dir, prompts, workdir / f"{algo}_memory", extra_env=MEMORY_RUN_ENV)
             run["memory_run"] = True
             attempts[algo].append(run)
@@ -544,7 +541,7 @@ def main(argv=None):
                    "*_default_allocator); models = actor + ref + critic + reward; with rollout = + vLLM engine"),
         "model": model,
         "config": asdict(cfg) | {"pretrain": cfg.pretrain or "random Llama (built fresh)", "workdir": str(workdir)},
-        "rl_flags": {a: rl_flags(cfg, a, Path("MODEL"), Path("PROMPTS"), Path("LOG")) for a in cfg.algo_list},
+        "rl_flags": {a: rl_flags(cfg, a, Path("MODEL"), Path("PROMPTS"), Path("LOG")) for a in cfg.algos},
         "machine": machine(),
         "raw_rows": {a: r["rows"] for a, r in by.items()},
     }

@@ -38,14 +38,14 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, check_fields, parse_config
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = ("trl", "padded", "packed")
@@ -81,24 +81,20 @@ class RMThroughputConfig:
     learning_rate: float = 1e-4
     seed: int = 0
     threads: int = 2
-    runs: str = "trl,padded,packed"  # which runs, in this order
+    runs: list[str] = field(default_factory=lambda: list(RUNS))  # which runs, in this order
     workdir: str | None = None  # model, data and logs (default: a temporary folder)
     output: str = str(RESULTS / "rm_throughput.json")
 
     def __post_init__(self):
-        runs = self.run_list
-        if not runs or any(r not in RUNS for r in runs):
-            raise ConfigError(f"--runs: comma-separated from {', '.join(RUNS)}, got {self.runs!r}")
+        check_fields(self)  # --runs given in code as "a,b" becomes the list
+        if not self.runs or any(r not in RUNS for r in self.runs):
+            raise ConfigError(f"--runs: comma-separated from {', '.join(RUNS)}, got {','.join(self.runs)!r}")
         if self.train_batch_size % self.micro_batch_size:
             raise ConfigError("--train_batch_size must be a multiple of --micro_batch_size")
         if not 1 <= self.warmup_steps < self.steps - 1:
             raise ConfigError("--warmup_steps must be >= 1 (the first timestamp is the end of step 1) and leave two timed steps")
         if self.repeats < 1:
             raise ConfigError("--repeats must be >= 1")
-
-    @property
-    def run_list(self) -> list[str]:
-        return [r.strip() for r in self.runs.split(",") if r.strip()]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -352,7 +348,7 @@ def combine_repeats(runs: list[dict]) -> dict:
 
 def main(argv=None):
     cfg = parse_config(RMThroughputConfig, argv)
-    if "trl" in cfg.run_list and importlib.util.find_spec("trl") is None:
+    if "trl" in cfg.runs and importlib.util.find_spec("trl") is None:
         print(f"trl is not installed (it is not a dependency of this project). Install it with:\n    {TRL_INSTALL}\n"
               "or leave it out: --runs padded,packed", file=sys.stderr)
         sys.exit(1)
@@ -388,9 +384,9 @@ def main(argv=None):
     print(f"[data] {len(pairs)} pairs; sample tokens median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, "
           f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}; response median {np.median(responses):.0f}")
 
-    attempts: dict[str, list[dict]] = {name: [] for name in cfg.run_list}
+    attempts: dict[str, list[dict]] = {name: [] for name in cfg.runs}
     for rep in range(cfg.repeats):  # round-robin, so a busy spell of the machine hits every run alike
-        for name in cfg.run_list:
+        for name in cfg.runs:
             print(f"\n=== {name} (repeat {rep + 1} of {cfg.repeats}) ===", flush=True)
             if name == "trl":
                 attempts[name].append(run_trl(cfg, model_dir, rows, pairs, workdir))

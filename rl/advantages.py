@@ -16,7 +16,8 @@ The critic-free estimators all share one return, the KL-regularised reward-to-go
 
 (optionally with (r - b) clipped), i.e. ``compute_gae`` with V = 0 and gamma = lam = 1 of
 ``token_level_rewards(r - b, ...)``. They differ only in the baseline b: the greedy response's
-reward (ReMax), the other samples' mean (RLOO), or one given by the caller.
+reward (ReMax), the other samples' mean (RLOO), the prompt's mean (``group_mean_advantages``), or
+one given by the caller.
 """
 
 from __future__ import annotations
@@ -203,3 +204,23 @@ def rloo_advantages(
     grouped = seq_rewards.float().view(-1, group_size)
     baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
     return reinforce_baseline_advantages(seq_rewards, baseline.reshape(-1), kl, mask, kl_coef, reward_clip)
+
+
+@torch.no_grad()
+def group_mean_advantages(seq_rewards: torch.Tensor, group_size: int, kl: torch.Tensor | None, mask: torch.Tensor,
+                          kl_coef: float, reward_clip: float | None = None) -> torch.Tensor:
+    """REINFORCE whose baseline is the mean reward of the prompt's samples, the sample itself
+    included (``--advantage_estimator reinforce_baseline``; OpenRLHF's ``reinforce_baseline``):
+
+        b_i = mean_j r_j over the group_size samples of i's prompt
+        A_t = clip(r_i - b_i, -reward_clip, reward_clip) - kl_coef * sum_{t' >= t} kl_t'
+
+    With one sample per prompt every prompt's mean is its own reward (A would be 0), so the
+    baseline is then the batch mean. Including r_i makes b depend on the sample, a bias of order
+    1 / group_size that RLOO (``rloo_advantages``) avoids; layout as in ``rloo_advantages``. 0 at padding.
+    """
+    if group_size < 1 or seq_rewards.numel() % group_size != 0:
+        raise ValueError(f"{seq_rewards.numel()} rewards do not split into groups of {group_size}")
+    r = seq_rewards.float()
+    baseline = r.view(-1, group_size).mean(-1).repeat_interleave(group_size) if group_size > 1 else r.mean()
+    return reinforce_baseline_advantages(seq_rewards, baseline, kl, mask, kl_coef, reward_clip)

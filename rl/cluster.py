@@ -9,7 +9,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from rl.config import RLConfig
+from rl.config import RLConfig, placement_counts
 from rl.worker_group import DevicePool, WorkerGroup
 from rl.workers import (
     CriticWorker, ModelSpec, OptimSpec, PolicyWorker, RewardWorker, RolloutWorker, worker_env_vars,
@@ -52,14 +52,11 @@ def reward_group_name(i: int, n: int) -> str:
 
 
 def local_cpu_slots(cfg: RLConfig) -> int:
-    """Logical CPUs a local Ray needs to place every bundle (they are scheduling slots, not cores)."""
-    reward_pools = 0 if (cfg.colocate_critic_reward and cfg.uses_critic) else cfg.reward_num_nodes * cfg.reward_num_gpus_per_node
-    slots = (cfg.actor_world
-             + (0 if cfg.colocate_actor_ref else cfg.ref_num_nodes * cfg.ref_num_gpus_per_node)
-             + (cfg.critic_world if cfg.uses_critic else 0)
-             + reward_pools
-             + cfg.vllm_num_engines)
-    return slots + 1  # the driver's own tasks
+    """Logical CPUs a local Ray needs to place every bundle (they are scheduling slots, not cores):
+    one per device the placement asks for (``rl.config.placement_counts``), one per engine (an
+    engine actor asks for one CPU whatever its tensor parallelism), one for the driver's tasks."""
+    counts = placement_counts(cfg, devices=True)
+    return sum(n for role, n in counts.items() if role != "vllm") + cfg.vllm_num_engines + 1
 
 
 def start_ray(cfg: RLConfig, log=print) -> bool:
@@ -116,7 +113,8 @@ def stop_ray(started_here: bool) -> None:
 
 
 def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print) -> RLWorkers:
-    """Placement groups, then every worker group (models loaded and sharded), then the engines."""
+    """Placement groups, then every worker group and engine, started together; returns once every
+    model is loaded and sharded and every engine is up."""
     import ray
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -137,13 +135,11 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
     def optim(lr: float, steps: int, micro: int) -> OptimSpec:
         return OptimSpec(learning_rate=lr, total_steps=steps, l2=cfg.l2, lr_warmup_ratio=cfg.lr_warmup_ratio,
                          max_norm=cfg.max_norm, micro_batch_size=micro, packing_samples=cfg.packing_samples,
-                         train_token_budget=cfg.token_budget(micro))
+                         token_budget=cfg.token_budget(micro))
 
     def group(cls, p: DevicePool, name: str, share: float, **init) -> WorkerGroup:
-        g = WorkerGroup(cls, p, name=name, share=share, init_kwargs=init, env_vars=env)
-        info = g.call("setup")[0]
-        log(f"[workers] {name}: {len(g)} rank(s), {info['parameters'] / 1e6:.1f}M parameters")
-        return g
+        # launched only: every group's processes start (import, load) at once; see the end
+        return WorkerGroup(cls, p, name=name, share=share, init_kwargs=init, env_vars=env)
 
     micro = cfg.micro_rollout_batch_size
     actor_pool = pool("actor", cfg.actor_num_nodes, cfg.actor_num_gpus_per_node)
@@ -183,7 +179,15 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
         gpus = 1 if use_gpu and cfg.vllm_tensor_parallel_size == 1 else 0
         engines.append(remote.options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": env}).remote(
             cfg.rollout_backend, cfg.pretrain, torch_threads=threads, **engine_kwargs))
+    # The groups and engines start concurrently; one after another they took the sum of their
+    # start-ups (~10 s of imports each on a 2-core CPU machine, model loading on GPU clusters).
+    workers = RLWorkers(actor, ref, critic, rewards, engines, pools)
+    groups = workers.model_groups()
+    setups = {name: g.submit(g.worker_cls.setup) for name, g in groups.items()}
+    for name, g in groups.items():
+        info = WorkerGroup.collect(setups[name])[0][0]
+        log(f"[workers] {name}: {len(g)} rank(s), {info['parameters'] / 1e6:.1f}M parameters")
     stats = ray.get([e.get_stats.remote() for e in engines], timeout=1800)
     log(f"[workers] {len(engines)} {cfg.rollout_backend} engine(s), started in "
         f"{max(s.get('start_seconds', 0.0) for s in stats):.1f} s")
-    return RLWorkers(actor, ref, critic, rewards, engines, pools)
+    return workers

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import (
-    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, check_data_mix, check_fields, check_libraries, float_list, split_list,
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, check_count, check_data_mix, check_fields, check_libraries,
 )
 
 ESTIMATORS = ("gae", "remax", "rloo", "reinforce_baseline")
@@ -39,10 +39,10 @@ class PlacementArgs:
 
 @dataclass
 class RLDataArgs:
-    prompt_data: str = field(default="", metadata={"help": "comma-separated prompt files (jsonl/json/parquet/save_to_disk)", "path": "data"})
-    prompt_data_probs: str | None = field(default=None, metadata={"help": "mixing weights, one per prompt file"})
+    prompt_data: list[str] = field(default_factory=list, metadata={"help": "prompt files (jsonl/json/parquet/save_to_disk)", "path": "data"})
+    prompt_data_probs: list[float] = field(default_factory=list, metadata={"help": "mixing weights, one per prompt file (default: each prompt once)", "check": "> 0"})
     input_key: str = field(default="message", metadata={"help": "the prompt field: chat turns or a string"})
-    eval_prompt_data: str | None = field(default=None, metadata={"help": "prompts for the greedy-reward evaluation (else --eval_split)", "path": "data"})
+    eval_prompt_data: list[str] = field(default_factory=list, metadata={"help": "prompts for the greedy-reward evaluation (else --eval_split)", "path": "data"})
     eval_split: float = field(default=0.0, metadata={"help": "fraction of the prompts held out for evaluation", "check": "[0, 1)"})
     max_eval_prompts: int = field(default=64, metadata={"help": "evaluate on at most this many prompts", "check": ">= 1"})
     skip_bad_rows: bool = False
@@ -56,8 +56,8 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
     """PPO / ReMax / RLOO with Ray workers and vLLM rollouts."""
 
     pretrain: str = field(default="", metadata={"help": "the initial policy (HF causal LM folder)", "path": "model"})
-    reward_pretrain: str = field(default="", metadata={"help": "comma-separated reward-model folders", "path": "model"})
-    reward_weights: str | None = field(default=None, metadata={"help": "comma-separated weights combining the reward models (default: sum)"})
+    reward_pretrain: list[str] = field(default_factory=list, metadata={"help": "reward-model folders", "path": "model"})
+    reward_weights: list[float] = field(default_factory=list, metadata={"help": "weights combining the reward models, one per --reward_pretrain (none: 1 each, their sum)"})
     critic_pretrain: str | None = field(default=None, metadata={"help": "critic init (default: the first reward model)", "path": "model"})
 
     advantage_estimator: str = field(default="gae", metadata={"help": "gae (PPO, critic) | remax | rloo | reinforce_baseline (no critic)", "check": ESTIMATORS})
@@ -110,8 +110,8 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
             raise ConfigError("--weight_sync broadcast needs --rollout_backend vllm (the HF engine takes object_store)")
         if self.advantage_estimator == "rloo" and self.n_samples_per_prompt < 2:
             raise ConfigError("--advantage_estimator rloo needs --n_samples_per_prompt >= 2")
-        if self.reward_weights is not None:
-            float_list("--reward_weights", self.reward_weights, len(self.reward_paths()), "reward models (--reward_pretrain)")
+        if self.reward_weights:
+            check_count("--reward_weights", self.reward_weights, len(self.reward_pretrain), "reward models (--reward_pretrain)")
         check_data_mix(self.prompt_data, self.prompt_data_probs, self.eval_prompt_data, self.eval_split,
                        ("--prompt_data_probs", "prompt files", "--eval_prompt_data"))
         if self.critic_pretrain and not self.uses_critic:
@@ -191,13 +191,12 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
         return self.packing_max_tokens or micro_samples * self.max_seq_len
 
     def reward_paths(self) -> list[str]:
-        return split_list(self.reward_pretrain)
+        """``--reward_pretrain`` (kept for callers; the field is the list)."""
+        return list(self.reward_pretrain)
 
     def reward_weight_list(self) -> list[float]:
-        n = len(self.reward_paths())
-        if not self.reward_weights:
-            return [1.0] * n
-        return float_list("--reward_weights", self.reward_weights, n, "reward models (--reward_pretrain)")
+        """``--reward_weights``, or 1.0 per reward model when not given (their sum)."""
+        return list(self.reward_weights) or [1.0] * len(self.reward_pretrain)
 
 
 def placement_counts(cfg: RLConfig, devices: bool) -> dict[str, int]:

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from rl.advantages import (
-    compute_gae, reinforce_baseline_advantages, remax_advantages, rloo_advantages, token_level_rewards,
+    compute_gae, group_mean_advantages, remax_advantages, rloo_advantages, token_level_rewards,
 )
 from rl.cluster import RLWorkers
 from rl.config import RLConfig
@@ -41,7 +41,8 @@ from rl.masked import masked_mean, masked_whiten
 from rl.prompt_data import PromptSchedule, PromptSet
 from rl.rollout import Rollout, SamplingConfig, flatten, logprob_gap
 from rl.running_moments import RunningMoments
-from rl.worker_group import WorkerGroup, merge_rank_results
+from rl.worker_group import WorkerGroup, merge_rank_results, submit_timed
+from rl.workers import CriticWorker, ModelWorker, PolicyWorker, RewardWorker, RolloutWorker
 from rlhf_data.tokenize import end_response
 from training.checkpoint import latest_checkpoint, mark_latest
 from training.metrics_logger import MetricsLogger
@@ -137,7 +138,7 @@ class RLTrainer:
         for e, start in zip(engines, range(0, len(prompts), size)):
             requests = [(prompts[start:start + size],
                          replace(s, seed=None if s.seed is None else s.seed + start * s.n)) for s in samplings]
-            refs.append(e.execute.remote("generate_batches", requests))
+            refs.append(submit_timed(e, RolloutWorker.generate_batches, requests))
         return refs
 
     def generate(self, iteration: int) -> Generation:
@@ -156,7 +157,7 @@ class RLTrainer:
 
         batch, ended = reward_inputs(rollouts, self.end_token_id)
         ref = ray.put(batch)
-        subs = [g.submit("scores", ref) for g in self.workers.rewards]
+        subs = [g.submit(RewardWorker.scores, ref) for g in self.workers.rewards]
         scores, seconds = [], 0.0
         for g, refs in zip(self.workers.rewards, subs):
             parts, s = WorkerGroup.collect(refs)
@@ -175,9 +176,9 @@ class RLTrainer:
         batch_ref = ray.put(batch)
         T = self.sampling.logprob_temperature
         # everything below runs concurrently on separate workers
-        ref_sub = w.ref.submit("logprobs", batch_ref, T)
-        critic_sub = w.critic.submit("values", batch_ref) if w.critic is not None else None
-        actor_sub = w.actor.submit("logprobs", batch_ref, T) if cfg.effective_old_logprobs == "trainer" else None
+        ref_sub = w.ref.submit(PolicyWorker.logprobs, batch_ref, T)
+        critic_sub = w.critic.submit(CriticWorker.values, batch_ref) if w.critic is not None else None
+        actor_sub = w.actor.submit(PolicyWorker.logprobs, batch_ref, T) if cfg.effective_old_logprobs == "trainer" else None
         scores, ended, t_reward = self._scores(samples + greedy)
         ref_parts, t_ref = WorkerGroup.collect(ref_sub)
         ref_lp = merge_rank_results(ref_parts, n, "ref")
@@ -217,15 +218,13 @@ class RLTrainer:
             rewards = token_level_rewards(sample_scores, kl, mask, kl_coef, clip)
             advantages, returns = compute_gae(rewards, values_pad, mask, cfg.gamma, cfg.lambd)
             metrics["value_mean"] = masked_mean(values_pad, mask).item()
-        elif cfg.advantage_estimator == "remax":
-            baseline = greedy_scores.repeat_interleave(cfg.n_samples_per_prompt)
-            advantages = remax_advantages(sample_scores, baseline, kl, mask, kl_coef, clip)
+        elif cfg.advantage_estimator == "remax":  # every sample of a prompt shares its greedy reward
+            greedy_baseline = greedy_scores.repeat_interleave(cfg.n_samples_per_prompt)
+            advantages = remax_advantages(sample_scores, greedy_baseline, kl, mask, kl_coef, clip)
         elif cfg.advantage_estimator == "rloo":
             advantages = rloo_advantages(sample_scores, cfg.n_samples_per_prompt, kl, mask, kl_coef, clip)
-        else:  # reinforce_baseline: each prompt's mean reward (the batch mean with one sample per prompt)
-            k = cfg.n_samples_per_prompt
-            base = sample_scores.view(-1, k).mean(-1).repeat_interleave(k) if k > 1 else sample_scores.mean()
-            advantages = reinforce_baseline_advantages(sample_scores, base, kl, mask, kl_coef, clip)
+        else:  # reinforce_baseline
+            advantages = group_mean_advantages(sample_scores, cfg.n_samples_per_prompt, kl, mask, kl_coef, clip)
         metrics["advantage_mean"] = masked_mean(advantages, mask).item()
         metrics["advantage_std"] = masked_mean((advantages - metrics["advantage_mean"]) ** 2, mask).sqrt().item()
         if cfg.effective_whiten:
@@ -254,7 +253,7 @@ class RLTrainer:
         exp_ref = ray.put(exp)
         seed = cfg.seed + iteration
         actor_sub = w.actor.submit(
-            "train", exp_ref, mini_batch_size=cfg.train_batch_size, epochs=cfg.max_epochs, seed=seed,
+            PolicyWorker.train, exp_ref, mini_batch_size=cfg.train_batch_size, epochs=cfg.max_epochs, seed=seed,
             loss=cfg.effective_policy_loss, temperature=self.sampling.logprob_temperature, clip_eps=cfg.eps_clip,
             entropy_coef=cfg.entropy_coef,
             # sampler log-probs in sync mode: the first training forward runs the weights the
@@ -262,12 +261,12 @@ class RLTrainer:
             measure_sync_gap=not cfg.async_train and cfg.effective_old_logprobs == "sampler")
         critic_kwargs = dict(mini_batch_size=cfg.train_batch_size, epochs=cfg.max_epochs, seed=seed,
                              value_clip=cfg.value_clip if cfg.value_clip > 0 else None)
-        critic_sub = w.critic.submit("train", exp_ref, **critic_kwargs) if w.critic is not None and cfg.async_train else None
+        critic_sub = w.critic.submit(CriticWorker.train, exp_ref, **critic_kwargs) if w.critic is not None and cfg.async_train else None
         parts, t_actor = WorkerGroup.collect(actor_sub)
         metrics = dict(parts[0]) | {"time_actor_train": t_actor}
         if w.critic is not None:
             if critic_sub is None:  # sequential unless --async_train
-                critic_sub = w.critic.submit("train", exp_ref, **critic_kwargs)
+                critic_sub = w.critic.submit(CriticWorker.train, exp_ref, **critic_kwargs)
             parts, metrics["time_critic_train"] = WorkerGroup.collect(critic_sub)
             metrics |= parts[0]
         return metrics
@@ -288,7 +287,7 @@ class RLTrainer:
         node_ips = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
         host, port, token = ray.get(rank0.open_weight_group.remote(world, node_ips))
         ray.get([rank0.join_weight_group.remote(host, port, token, world, backend)]
-                + [e.execute.remote("join_weight_group", host, port, token, 1 + i * tp, world, backend)
+                + [submit_timed(e, RolloutWorker.join_weight_group, host, port, token, 1 + i * tp, world, backend)
                    for i, e in enumerate(engines)])
         self.log(f"[sync] weights by {backend} broadcast from the actor's rank 0 to {world - 1} engine worker(s)")
 
@@ -301,10 +300,10 @@ class RLTrainer:
         actor, engines = self.workers.actor.workers, self.workers.engines
         if self.weight_sync == "object_store":
             refs = [wk.full_state_dict.remote() for wk in actor]
-            ray.get([e.execute.remote("update_weights", refs[0]) for e in engines])
+            ray.get([submit_timed(e, RolloutWorker.update_weights, refs[0]) for e in engines])
             ray.get(refs[1:])  # not refs[0]: the driver needs no copy of the weights
         else:
-            ray.get([wk.broadcast_weights.remote() for wk in actor] + [e.execute.remote("receive_weights") for e in engines])
+            ray.get([wk.broadcast_weights.remote() for wk in actor] + [submit_timed(e, RolloutWorker.receive_weights) for e in engines])
         return time.perf_counter() - t0
 
     def probe_gap(self, iteration: int) -> float:
@@ -315,10 +314,10 @@ class RLTrainer:
         prompts = [self.train_prompts.prompts[i] for i in self.schedule.batch(iteration % self.schedule.total)]
         probe = replace(self.sampling, n=1, max_new_tokens=min(PROBE_TOKENS, self.cfg.generate_max_len),
                         seed=self.cfg.seed + iteration)
-        groups, _ = ray.get(self.workers.engines[0].execute.remote("generate", prompts[:PROBE_PROMPTS], probe))
+        groups, _ = ray.get(submit_timed(self.workers.engines[0], RolloutWorker.generate, prompts[:PROBE_PROMPTS], probe))
         samples = flatten(groups)
         batch = SequenceBatch.from_rollouts(samples)
-        lp = merge_rank_results(self.workers.actor.call("logprobs", batch, probe.logprob_temperature), len(batch), "actor")
+        lp = merge_rank_results(self.workers.actor.call(PolicyWorker.logprobs, batch, probe.logprob_temperature), len(batch), "actor")
         return logprob_gap(samples, lp)
 
     # -- evaluation, memory --------------------------------------------------------------------------
@@ -341,7 +340,7 @@ class RLTrainer:
         out = {}
         groups = self.workers.model_groups()
         for name, g in groups.items():
-            stats = g.call("memory_stats")
+            stats = g.call(ModelWorker.memory_stats)
             out[f"mem_{name}_mb"] = sum(s["rss_model_mb"] for s in stats)
             if "gpu_peak_mb" in stats[0]:
                 out[f"gpu_mem_{name}_mb"] = max(s["gpu_peak_mb"] for s in stats)
@@ -354,18 +353,18 @@ class RLTrainer:
         cfg = self.cfg
         if not cfg.save_path:
             return
-        self.workers.actor.call("save_pretrained", cfg.save_path, cfg.pretrain)
+        self.workers.actor.call(PolicyWorker.save_pretrained, cfg.save_path, cfg.pretrain)
         if self.workers.critic is not None:
-            self.workers.critic.call("save_pretrained", critic_save_path(cfg.save_path), None)
+            self.workers.critic.call(CriticWorker.save_pretrained, critic_save_path(cfg.save_path), None)
 
     def save_checkpoint(self) -> None:
         cfg = self.cfg
         if not cfg.ckpt_path:
             return
         folder = Path(cfg.ckpt_path) / f"iter_{self.iteration:06d}"
-        self.workers.actor.call("save_state", str(folder / "actor"))
+        self.workers.actor.call(PolicyWorker.save_state, str(folder / "actor"))
         if self.workers.critic is not None:
-            self.workers.critic.call("save_state", str(folder / "critic"))
+            self.workers.critic.call(CriticWorker.save_state, str(folder / "critic"))
         pending = None  # plain dicts, lists and numbers only: the file loads with weights_only=True
         if self.pending is not None:
             groups, greedy, seconds = self.pending
@@ -386,9 +385,9 @@ class RLTrainer:
         folder = latest_checkpoint(self.cfg.ckpt_path, DRIVER_STATE)
         if folder is None:
             return False
-        self.workers.actor.call("load_state", str(folder / "actor"))
+        self.workers.actor.call(PolicyWorker.load_state, str(folder / "actor"))
         if self.workers.critic is not None:
-            self.workers.critic.call("load_state", str(folder / "critic"))
+            self.workers.critic.call(CriticWorker.load_state, str(folder / "critic"))
         state = torch.load(folder / DRIVER_STATE, weights_only=True)  # no code runs from a checkpoint
         self.iteration = int(state["iteration"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])

@@ -5,13 +5,16 @@ of verl / OpenRLHF: the driver calls a method on every rank and gathers the resu
     pool = DevicePool.create("actor", num_nodes=1, devices_per_node=4)   # 4 bundles (GPUs or CPU slots)
     actor = WorkerGroup(PolicyWorker, pool, name="actor", share=0.5, init_kwargs={...})
     ref = WorkerGroup(ReferenceWorker, pool, name="ref", share=0.5, ...)   # --colocate_actor_ref
-    logprobs = actor.call("logprobs", batch_ref)                           # one result per rank
+    logprobs = actor.call(PolicyWorker.logprobs, batch_ref)                # one result per rank
 
 A bundle is one GPU (+ CPUs) on a GPU cluster, or one logical CPU slot here. Colocated groups
 share a pool: each of their workers asks for ``share`` of its bundle, so rank i of both groups lands
 on the same GPU (their memory must fit together; that is what ``--colocate_*`` trades for devices).
 Rank 0 of a group picks the rendezvous address; every rank then joins the group's own process
 group (NCCL on GPUs, gloo on CPUs: ``models.distributed.init_distributed``).
+
+Calls name the worker's method itself (``PolicyWorker.train``), not a string: the driver's code
+leads to the worker's with go-to-definition, and a method the group's class lacks fails at once.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 def _ray():
@@ -111,10 +114,16 @@ class DistributedWorker:
 
     def execute(self, method: str, *args, **kwargs) -> tuple[Any, float]:
         """``(self.method(*args, **kwargs), seconds it took)``: how the driver times each stage
-        inside the worker, whatever else runs concurrently."""
+        inside the worker, whatever else runs concurrently. Reached through ``submit_timed``."""
         t0 = time.perf_counter()
         result = getattr(self, method)(*args, **kwargs)
         return result, time.perf_counter() - t0
+
+
+def submit_timed(worker, method: Callable, *args, **kwargs):
+    """Start ``method`` (a ``DistributedWorker`` subclass's method, e.g. ``RolloutWorker.generate``)
+    on one Ray actor; the ObjectRef resolves to ``(result, seconds)``."""
+    return worker.execute.remote(method.__name__, *args, **kwargs)
 
 
 def _peak_rss_mb() -> float:
@@ -132,7 +141,7 @@ class WorkerGroup:
         ray = _ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.name, self.pool = name, pool
+        self.name, self.pool, self.worker_cls = name, pool, worker_cls
         remote_cls = ray.remote(worker_cls)
         self.workers = []
         for rank in range(pool.num_bundles):
@@ -144,19 +153,34 @@ class WorkerGroup:
             if env_vars:
                 opts["runtime_env"] = {"env_vars": dict(env_vars)}
             self.workers.append(remote_cls.options(**opts).remote(**(init_kwargs or {})))
-        ray.get([w.ping.remote() for w in self.workers], timeout=startup_timeout_s)
-        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        world = len(self.workers)
-        ray.get([w.join.remote(r, world, addr, port) for r, w in enumerate(self.workers)], timeout=startup_timeout_s)
+        self.startup_timeout_s, self._joined = startup_timeout_s, False
+
+    def ready(self) -> "WorkerGroup":
+        """Wait for the actors' processes, then form the group's process group (once). The
+        constructor only launches the processes: groups built one after another start together
+        (``rl.cluster.build_workers``), and the first call waits here."""
+        if not self._joined:
+            ray = _ray()
+            ray.get([w.ping.remote() for w in self.workers], timeout=self.startup_timeout_s)
+            addr, port = ray.get(self.workers[0].rendezvous_address.remote())
+            world = len(self.workers)
+            ray.get([w.join.remote(r, world, addr, port) for r, w in enumerate(self.workers)],
+                    timeout=self.startup_timeout_s)
+            self._joined = True
+        return self
 
     def __len__(self) -> int:
         return len(self.workers)
 
-    def submit(self, method: str, *args, **kwargs) -> list:
-        """Start ``method(*args, **kwargs)`` on every rank; returns the ObjectRefs (rank order) of
+    def submit(self, method: Callable, *args, **kwargs) -> list:
+        """Start ``method(*args, **kwargs)`` (a method of the group's worker class, e.g.
+        ``PolicyWorker.logprobs``) on every rank; returns the ObjectRefs (rank order) of
         ``(result, seconds)``: pass them to ``collect``. Pass large inputs as one ``ray.put`` ref:
         every rank then reads the same object."""
-        return [w.execute.remote(method, *args, **kwargs) for w in self.workers]
+        if getattr(self.worker_cls, getattr(method, "__name__", ""), None) is not method:
+            raise TypeError(f"{self.name}: {method!r} is not a method of {self.worker_cls.__name__}")
+        self.ready()
+        return [submit_timed(w, method, *args, **kwargs) for w in self.workers]
 
     @staticmethod
     def collect(refs: list, timeout: float | None = None) -> tuple[list, float]:
@@ -164,7 +188,7 @@ class WorkerGroup:
         done = _ray().get(refs, timeout=timeout)
         return [r for r, _ in done], max((s for _, s in done), default=0.0)
 
-    def call(self, method: str, *args, **kwargs) -> list:
+    def call(self, method: Callable, *args, **kwargs) -> list:
         """``method`` on every rank, blocking; the results in rank order."""
         return self.collect(self.submit(method, *args, **kwargs))[0]
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from rl.worker_group import DistributedWorker
+from training.sharded_model import OptimSpec, ShardedModel, load_dtype
 
 
 @dataclass
@@ -43,63 +44,30 @@ class ModelSpec:
     forward_token_budget: int = 8192  # tokens of a packed micro-batch in no-grad passes
 
 
-@dataclass
-class OptimSpec:
-    """How a trainable worker updates (the ``--actor_*`` / ``--critic_*`` flags)."""
-
-    learning_rate: float
-    total_steps: int
-    l2: float = 0.0
-    lr_warmup_ratio: float = 0.03
-    max_norm: float = 1.0
-    micro_batch_size: int = 4  # samples per micro-batch per rank (without packing)
-    packing_samples: bool = True
-    train_token_budget: int = 8192  # tokens of a packed micro-batch (with packing)
-
-
 class ModelWorker(DistributedWorker):
-    """Loading, sharding, planning and saving shared by the model-holding workers."""
+    """A ``training.sharded_model.ShardedModel`` (the scaffold the SFT and RM recipes use too) on
+    each rank of a group, plus the RL side: no-grad passes over a batch, and updates over the
+    mini-batches of an ``rl.experience.Experience``."""
 
     def __init__(self, spec: ModelSpec, optim: OptimSpec | None = None):
         super().__init__()
         self.spec, self.optim_spec = spec, optim
         if spec.torch_threads > 0:
             torch.set_num_threads(spec.torch_threads)
-        self.model = self.optimizer = self.scheduler = None
+        self.model: ShardedModel | None = None
 
-    # subclasses build their module here: (wrapper module, the HF model inside it)
-    def build(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+    # subclasses build their module here: (wrapper module, the HF model inside it), loaded in ``dtype``
+    def build(self, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
         raise NotImplementedError
 
-    def load_dtype(self) -> torch.dtype:
-        """bf16 weights for a frozen model under --bf16: its forward is bf16 either way (the
-        policy casts fp32 weights to the same bf16 values), at half the memory. A trainable
-        model keeps fp32 master weights."""
-        return torch.bfloat16 if self.spec.bf16 and self.optim_spec is None else torch.float32
-
     def setup(self) -> dict:
-        """Load, shard (FSDP2 over the group) and, if trainable, build optimizer + schedule."""
-        from models.fsdp import shard_model
-        from training.optim import build_optimizer, build_scheduler
-
+        """Load and shard (FSDP2 over the group); if trainable, optimizer + schedule."""
         spec = self.spec
-        torch.manual_seed(spec.seed)  # a fresh head gets the same init on every rank
-        self.model, self.hf_model = self.build()
-        self.hf_model.config.use_cache = False  # packed rows: the KV cache would merge samples
-        num_parameters = sum(p.numel() for p in self.model.parameters())  # before sharding
-        shard_model(self.model, zero_stage=spec.zero_stage, device=self.env.device, bf16=spec.bf16,
-                    gradient_checkpointing=spec.gradient_checkpointing and self.optim_spec is not None,
-                    hf_model=self.hf_model)
-        if self.optim_spec is None:
-            self.model.eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-        else:
-            o = self.optim_spec
-            self.model.train()
-            self.optimizer = build_optimizer(self.model, o.learning_rate, o.l2)
-            self.scheduler = build_scheduler(self.optimizer, o.total_steps, o.lr_warmup_ratio)
-        return {"parameters": num_parameters}
+        dtype = load_dtype(spec.bf16, trainable=self.optim_spec is not None)
+        self.model = ShardedModel(lambda: self.build(dtype), self.env, zero_stage=spec.zero_stage, bf16=spec.bf16,
+                                  gradient_checkpointing=spec.gradient_checkpointing, seed=spec.seed,
+                                  optim=self.optim_spec)
+        return {"parameters": self.model.num_parameters}
 
     # -- plans -------------------------------------------------------------------------------------
     def forward_plan(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -115,15 +83,10 @@ class ModelWorker(DistributedWorker):
     def _mine(self, results: dict, n: int) -> dict:
         return {} if n < self.env.world_size and self.env.rank != 0 else results
 
-    def train_plan(self, indices: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
-        """This rank's micro-batches of one mini-batch (``indices``)."""
-        from training.batches import split_global_batch
-
-        o = self.optim_spec
-        if o.packing_samples:
-            budget = max(o.train_token_budget, max(lengths[i] for i in indices))
-            return split_global_batch(indices, lengths, self.env.world_size, token_budget=budget)[self.env.rank]
-        return split_global_batch(indices, lengths, self.env.world_size, micro_batch_size=o.micro_batch_size)[self.env.rank]
+    def _no_grad_pass(self, batch, per_sample) -> dict[int, Any]:
+        """``map_micro_batches`` over this rank's ``forward_plan``, as its share of the results."""
+        return self._mine(map_micro_batches(batch, self.forward_plan(batch.lengths), self.env.device, per_sample),
+                          len(batch))
 
     def mini_batches(self, n: int, mini_batch_size: int, epochs: int, seed: int) -> list[list[int]]:
         """``epochs`` shuffled passes over ``n`` samples cut into mini-batches of
@@ -139,7 +102,7 @@ class ModelWorker(DistributedWorker):
     def _run_train(self, exp, mini_batch_size: int, epochs: int, seed: int, micro_loss_fn) -> dict[str, float]:
         """Optimizer steps over ``epochs`` passes of ``exp`` (``training.step.train_step`` each);
         returns token-weighted means of the loss statistics over all steps."""
-        from training.step import global_means, train_step
+        from training.step import global_means
 
         lengths = exp.lengths
         sums: dict[str, float] = {}
@@ -147,11 +110,8 @@ class ModelWorker(DistributedWorker):
         steps = 0
         for mb in self.mini_batches(len(exp), mini_batch_size, epochs, seed):
             n_tokens = sum(exp.response_lens[i] for i in mb)
-            plan = self.train_plan(mb, lengths)
-            totals, grad_norm, _ = train_step(
-                self.model, plan, lambda micro: micro_loss_fn(exp, micro, n_tokens, steps), self.optimizer,
-                self.scheduler, self.optim_spec.max_norm,
-            )
+            plan = self.model.plan(mb, lengths)
+            totals, grad_norm, _ = self.model.step(plan, lambda micro: micro_loss_fn(exp, micro, n_tokens, steps))
             means = global_means(totals, n_tokens, self.env.world_size)
             means["grad_norm"] = grad_norm
             for k, v in means.items():
@@ -162,17 +122,14 @@ class ModelWorker(DistributedWorker):
             steps += 1
         out = {k: v / max(steps, 1) for k, v in sums.items()} | first
         out["optimizer_steps"] = steps
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["lr"] = self.model.lr
         return out
 
     # -- saving ------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full HF-format state dict on rank 0 (None elsewhere), e.g. for the rollout
         engines. Collective: every rank must be called."""
-        from models.fsdp import full_state_dict
-
-        sd = full_state_dict(self.hf_model)
-        return sd if self.env.rank == 0 else None
+        return self.model.full_state_dict()
 
     # --weight_sync broadcast (rl.weight_broadcast): rank 0 is rank 0 of the engines' group
     def open_weight_group(self, world_size: int, member_ips: list[str] | None = None) -> tuple[str, int, str]:
@@ -197,20 +154,13 @@ class ModelWorker(DistributedWorker):
         """A plain HF folder (collective; rank 0 writes)."""
         from transformers import AutoTokenizer
 
-        from models.fsdp import save_hf_pretrained
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or self.spec.path)
-        save_hf_pretrained(self.hf_model, path, tokenizer)
+        self.model.save_pretrained(path, AutoTokenizer.from_pretrained(tokenizer_path or self.spec.path))
 
     def save_state(self, folder: str) -> None:
-        from training.checkpoint import save_model_state
-
-        save_model_state(folder, self.model, self.optimizer, self.scheduler)
+        self.model.save_state(folder)
 
     def load_state(self, folder: str) -> None:
-        from training.checkpoint import load_model_state
-
-        load_model_state(folder, self.model, self.optimizer, self.scheduler)
+        self.model.load_state(folder)
 
 
 FIRST_STEP_STATS = {"sync_logprob_gap"}  # read off the first optimizer step only, not averaged over steps
@@ -224,24 +174,20 @@ def _response_micro_batch(batch, indices: Sequence[int], device):
 class PolicyWorker(ModelWorker):
     """The actor (``OptimSpec`` given) or the reference policy (``optim=None``)."""
 
-    def build(self):
+    def build(self, dtype):
         from models.actor import Actor
 
-        actor = Actor.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=self.load_dtype())
+        actor = Actor.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=dtype)
         return actor, actor.model
 
-    @torch.no_grad()
     def logprobs(self, batch, temperature: float = 1.0) -> dict[int, torch.Tensor]:
         """``{i: log pi(response token t | ...) / T-scaled}`` for this rank's share of ``batch``
         (a ``rl.experience.SequenceBatch``), float32 on the CPU."""
-        out: dict[int, torch.Tensor] = {}
-        for micro in self.forward_plan(batch.lengths):
-            if not micro:
-                continue
-            packed, mask = _response_micro_batch(batch, micro, self.env.device)
+        def per_sample(micro, packed, mask):
             lp = self.model(packed, token_mask=mask, temperature=temperature).log_probs[mask]
-            out.update(zip(micro, batch.split_responses(micro, lp.float().cpu())))
-        return self._mine(out, len(batch))
+            return batch.split_responses(micro, lp.float().cpu())
+
+        return self._no_grad_pass(batch, per_sample)
 
     def train(self, exp, *, mini_batch_size: int, epochs: int, seed: int, loss: str, temperature: float,
               clip_eps: float = 0.2, clip_eps_high: float | None = None, entropy_coef: float = 0.0,
@@ -282,15 +228,14 @@ class PolicyWorker(ModelWorker):
         return self._run_train(exp, mini_batch_size, epochs, seed, micro_loss)
 
 
-
 class CriticWorker(ModelWorker):
     """V(prefix) at every response token: the value of the state *before* the token is emitted,
     read from the hidden state of the previous position (as the log-probs are)."""
 
-    def build(self):
+    def build(self, dtype):
         from models.value_model import Critic
 
-        critic = Critic.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None)
+        critic = Critic.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=dtype)
         return critic, critic.model
 
     @staticmethod
@@ -300,16 +245,12 @@ class CriticWorker(ModelWorker):
         prev[:, :-1] = mask[:, 1:]
         return batch.split_responses(micro, values[prev])
 
-    @torch.no_grad()
     def values(self, batch) -> dict[int, torch.Tensor]:
-        out: dict[int, torch.Tensor] = {}
-        for micro in self.forward_plan(batch.lengths):
-            if not micro:
-                continue
-            packed, mask = _response_micro_batch(batch, micro, self.env.device)
-            v = self.model(packed).float()
-            out.update(zip(micro, [t.cpu() for t in self._response_values(batch, micro, v, mask)]))
-        return self._mine(out, len(batch))
+        """``{i: V at each response token}`` for this rank's share of ``batch``, float32 on the CPU."""
+        def per_sample(micro, packed, mask):
+            return [t.cpu() for t in self._response_values(batch, micro, self.model(packed).float(), mask)]
+
+        return self._no_grad_pass(batch, per_sample)
 
     def train(self, exp, *, mini_batch_size: int, epochs: int, seed: int, value_clip: float | None) -> dict[str, float]:
         from rl.policy_losses import clipped_value_loss
@@ -335,17 +276,17 @@ class CriticWorker(ModelWorker):
 class RewardWorker(ModelWorker):
     """A sequence-classification reward model: the score at each sequence's last token."""
 
-    def build(self):
+    def build(self, dtype):
         from models.value_model import RewardModel
 
-        rm = RewardModel.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=self.load_dtype())
+        rm = RewardModel.from_pretrained(self.spec.path, flash_attn=self.spec.flash_attn or None, dtype=dtype)
         return rm, rm.model
 
     def scores(self, batch) -> dict[int, float]:
         """``{i: score}`` for this rank's share of ``batch``: what ``score_sequences`` gives. The
         driver sends sequences already ended as RM training ends them (``rl.trainer.reward_inputs``)."""
-        return self._mine(score_sequences(self.model, batch, self.forward_plan(batch.lengths), self.env.device),
-                          len(batch))
+        plan = self.forward_plan(batch.lengths)
+        return self._mine(score_sequences(self.model, batch, plan, self.env.device), len(batch))
 
 
 @torch.no_grad()
@@ -355,12 +296,19 @@ def score_sequences(model, batch, micro_batches: Sequence[Sequence[int]], device
     head at the sequence's last token, located by length (never by ``!= pad_token_id``, which
     would skip an end-of-turn token where pad == eos). Pure: the reward worker's computation,
     callable without Ray."""
-    out: dict[int, float] = {}
+    return map_micro_batches(batch, micro_batches, device, lambda micro, packed, _: model(packed).float().cpu().tolist())
+
+
+@torch.no_grad()
+def map_micro_batches(batch, micro_batches: Sequence[Sequence[int]], device, per_sample) -> dict[int, Any]:
+    """``{sample index: value}`` from a no-grad pass over ``batch`` (a ``rl.experience.SequenceBatch``)
+    in packed ``micro_batches``: ``per_sample(micro, packed, response_mask)`` returns one value per
+    sample of ``micro``. Empty micro-batches (a rank with no share) are skipped."""
+    out: dict[int, Any] = {}
     for micro in micro_batches:
-        if not micro:
-            continue
-        packed, _ = _response_micro_batch(batch, micro, device)
-        out.update(zip(micro, model(packed).float().cpu().tolist()))
+        if micro:
+            packed, mask = _response_micro_batch(batch, micro, device)
+            out.update(zip(micro, per_sample(micro, packed, mask)))
     return out
 
 

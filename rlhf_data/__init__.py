@@ -1,7 +1,7 @@
 """Training data: files -> validated rows (the one place that reports file / row / field errors)
 -> tokenized samples -> mixing by probability.
 
-    rows, report = load_rows("prefs.jsonl,more.parquet", partial(validate_preference, keys=keys))
+    rows, report = load_rows(["prefs.jsonl", "more.parquet"], partial(validate_preference, keys=keys))
 
 errors.py   DataError (path:row: field 'x': reason), SkipReport
 readers.py  read_records (jsonl / json / parquet / save_to_disk folder), load_rows, split_paths

@@ -18,13 +18,11 @@ from typing import Sequence
 import datasets
 
 
-def mixing_weights(probs: Sequence[float] | str, num_datasets: int) -> list[float]:
-    """``[0.7, 0.3]`` or ``"0.7,0.3"`` checked against ``num_datasets`` and normalised to sum 1."""
+def mixing_weights(probs: Sequence[float], num_datasets: int) -> list[float]:
+    """``[0.7, 0.3]`` checked against ``num_datasets`` and normalised to sum 1 (the flag's comma
+    string is parsed by the config: ``training.config``'s list fields)."""
     if isinstance(probs, str):
-        try:
-            probs = [float(p) for p in probs.split(",")]
-        except ValueError:
-            raise ValueError(f"--dataset_probs {probs!r}: expected comma-separated numbers") from None
+        raise ValueError(f"--dataset_probs {probs!r}: expected a list of numbers, not a string")
     probs = list(probs)
     if len(probs) != num_datasets:
         raise ValueError(f"--dataset_probs has {len(probs)} value(s) {probs} for {num_datasets} dataset(s); "
@@ -38,12 +36,12 @@ def mixing_weights(probs: Sequence[float] | str, num_datasets: int) -> list[floa
 
 def mix_datasets(
     row_lists: Sequence[list[dict] | datasets.Dataset],
-    probs: Sequence[float] | str | None,
+    probs: Sequence[float] | None,
     seed: int,
 ) -> datasets.Dataset:
     """One ``datasets.Dataset`` drawing from each row list with probability ``probs`` (mixing
     weights, normalised; see the module docstring). One list -> that dataset; several lists and no
-    ``probs`` -> their concatenation (every row once, in order)."""
+    ``probs`` (None or empty) -> their concatenation (every row once, in order)."""
     if not row_lists:
         raise ValueError("no datasets to mix")
     parts = []
@@ -51,7 +49,7 @@ def mix_datasets(
         if len(rows) == 0:
             raise ValueError(f"dataset {i + 1} of {len(row_lists)} has no rows")
         parts.append(rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows)))
-    weights = None if probs is None else mixing_weights(probs, len(parts))
+    weights = None if probs is None or len(probs) == 0 else mixing_weights(probs, len(parts))
     if len(parts) == 1:
         return parts[0]
     if weights is None:
@@ -76,18 +74,18 @@ def split_eval(
 
 
 def train_eval_rows(
-    dataset: str,
-    dataset_probs: str | None,
+    dataset: str | Sequence[str],
+    dataset_probs: Sequence[float] | None,
     validate,
     *,
-    eval_dataset: str | None = None,
+    eval_dataset: str | Sequence[str] | None = None,
     eval_split: float = 0.0,
     skip_bad_rows: bool = False,
     seed: int = 42,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """What the trainers' data flags describe: ``(train rows, eval rows, skip summaries)``.
 
-    Every file of ``dataset`` (comma-separated) is one dataset: validated, its ``eval_split``
+    Every file of ``dataset`` (one path or a list) is one dataset: validated, its ``eval_split``
     fraction held out (before mixing, see the module docstring), then the training parts are mixed
     by ``dataset_probs``. ``eval_dataset`` files, when given, are the eval set instead.
     """
@@ -115,6 +113,6 @@ def train_eval_rows(
     if eval_dataset:
         eval_rows, report = load_rows(eval_dataset, validate, skip_bad_rows)
         if report.skipped:
-            summaries.append(f"{eval_dataset}: {report.summary()}")
+            summaries.append(f"{','.join(split_paths(eval_dataset))}: {report.summary()}")
         eval_parts = eval_rows
     return train, eval_parts, summaries

@@ -153,11 +153,10 @@ def _read_saved_dataset(name: str) -> Iterator[Record]:
 
 
 def split_paths(paths: str | os.PathLike | list[str | os.PathLike]) -> list[str]:
-    """``"a.jsonl, b.parquet"`` or ``["a.jsonl", "b.parquet"]`` -> ``["a.jsonl", "b.parquet"]``."""
-    if isinstance(paths, os.PathLike):
+    """One path or a list of them -> a list of path strings. A string is one path: a flag's
+    comma-separated files arrive as a list (``training.config``'s list fields)."""
+    if isinstance(paths, (str, os.PathLike)):
         items = [os.fspath(paths)]
-    elif isinstance(paths, str):
-        items = paths.split(",")
     else:
         items = [os.fspath(p) for p in paths]
     items = [p.strip() for p in items if p.strip()]

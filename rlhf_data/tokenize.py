@@ -59,6 +59,18 @@ def render_prompt_ids(tokenizer, message: list[dict]) -> list[int]:
     return list(ids)
 
 
+def truncate_prompt(ids: Sequence[int], max_len: int, bos_token_id: int | None) -> tuple[list[int], bool]:
+    """Left truncation to ``max_len`` tokens (the end of a prompt, with the generation prompt, is
+    what the response follows), keeping the first token when it is BOS; returns ``(ids, truncated)``.
+    The one truncation rule of every sampler: the rollout engines and ``self_ref.generate``."""
+    ids = [int(t) for t in ids]
+    if len(ids) <= max_len:
+        return ids, False
+    if bos_token_id is not None and ids and ids[0] == bos_token_id and max_len >= 2:
+        return [ids[0]] + ids[len(ids) - (max_len - 1):], True
+    return ids[len(ids) - max_len:], True
+
+
 def end_of_turn(ids: Sequence[int], end_token_id: int) -> int | None:
     """Length of ``ids`` up to and including its first ``end_token_id``; None when absent."""
     for i, t in enumerate(ids):

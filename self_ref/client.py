@@ -179,8 +179,9 @@ class OpenAIClient:
         seed: int = 0,
         show: Callable[[str], None] | None = None,
     ):
-        """``show``: where a server's error message is shown, once per kind (default: stderr)."""
-        urls = [u.strip().rstrip("/") for u in (base_urls.split(",") if isinstance(base_urls, str) else base_urls) if u.strip()]
+        """``base_urls``: one server's URL, or a list of them (requests spread over them).
+        ``show``: where a server's error message is shown, once per kind (default: stderr)."""
+        urls = [u.strip().rstrip("/") for u in ([base_urls] if isinstance(base_urls, str) else base_urls) if u.strip()]
         if not urls:
             raise ValueError("no judge base URL given (--base_url)")
         self.servers = [_Server(u) for u in urls]

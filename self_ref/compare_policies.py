@@ -87,7 +87,7 @@ class _CompareArgs:
     responses_b: str = field(default="", metadata={"help": "responses of B instead of --policy_b (the same ids as A)", "path": "data"})
     name_a: str = field(default="", metadata={"help": "name of side A in the table and summary (default: its folder / file name)"})
     name_b: str = field(default="", metadata={"help": "name of side B"})
-    prompts: str = field(default="", metadata={"help": "held-out prompt file(s): rows with 'message' (and 'id'); needed for --policy_*", "path": "data"})
+    prompts: list[str] = field(default_factory=list, metadata={"help": "held-out prompt file(s): rows with 'message' (and 'id'); needed for --policy_*", "path": "data"})
     limit: int = field(default=-1, metadata={"help": "compare on the first N prompts only (-1: all)", "check": "-1 or >= 1"})
     output: str = field(default="", metadata={"help": "output folder (responses, judgements, summary.json); a rerun resumes", "path": "output"})
     max_new_tokens: int = field(default=256, metadata={"help": "max tokens of a generated response (greedy)", "check": ">= 1"})
@@ -138,8 +138,8 @@ class _CompareArgs:
             raise ConfigError(f"--judge_port must be a port number (0: a free one), got {self.judge_port}")
         if self.limit < -1 or self.limit == 0:
             raise ConfigError(f"--limit must be >= 1 (or -1: all), got {self.limit}")
-        if self.prompts and Path(self.prompts.split(",")[0]).suffix in (".yaml", ".yml"):
-            raise ConfigError(f"--prompts {self.prompts}: this is the held-out prompt file (jsonl/json/parquet); "
+        if self.prompts and Path(self.prompts[0]).suffix in (".yaml", ".yml"):
+            raise ConfigError(f"--prompts {','.join(self.prompts)}: this is the held-out prompt file (jsonl/json/parquet); "
                               "the judge's templates YAML is --judge_prompts")
         check = getattr(JudgeFlags, "check_judge_flags", None)
         if check is not None and all(JUDGE_FLAGS.get(n, n) == n for n in ("num_votes", "max_tokens")):
@@ -168,6 +168,8 @@ def _copied_field(cls: type, name: str, new_name: str | None = None, help_text: 
     metadata = dict(src.metadata)
     if help_text is not None:
         metadata["help"] = help_text
+    if isinstance(default, list):  # a list field (training.config): a fresh copy per config
+        return new_name or name, hints[name], field(default_factory=lambda: list(default), metadata=metadata)
     return new_name or name, hints[name], field(default=default, metadata=metadata)
 
 
@@ -252,11 +254,11 @@ def _unique_by_id(rows: list[dict], what: str) -> dict[str, dict]:
     return out
 
 
-def load_prompts(path: str) -> list[dict]:
+def load_prompts(path: str | list[str]) -> list[dict]:
     rows, _ = load_rows(path, _validate_prompt_row)
     items = [{"id": r["id"] or f"{Path(r['_source']).name}:{r['_row']}", "message": r["message"],
               "_source": r["_source"], "_row": r["_row"]} for r in rows]
-    _unique_by_id(items, path)
+    _unique_by_id(items, path if isinstance(path, str) else ",".join(path))
     return items
 
 
@@ -375,7 +377,7 @@ def reuse_generated(cfg, side: Side, path: Path, items: list[dict]) -> dict[str,
     by_id = {it["id"]: it for it in items}
     for rid, row in rows.items():
         if rid in by_id and row["message"] != by_id[rid]["message"]:
-            raise ConfigError(f"{path}: id {rid!r} has another prompt than --prompts {cfg.prompts}; "
+            raise ConfigError(f"{path}: id {rid!r} has another prompt than --prompts {','.join(cfg.prompts)}; "
                               "use another --output or delete the file")
     return rows
 
@@ -579,7 +581,7 @@ def outcome_row(item_id: str, judged: dict) -> dict:
 
 
 async def _judge_all(cfg, settings: JudgeSettings, prompts: JudgePrompts, todo: list[dict], store: AppendOnlyJsonl,
-                     base_url: str, model: str, descriptor: dict) -> dict:
+                     base_url: str | list[str], model: str, descriptor: dict) -> dict:
     counts: Counter = Counter()
     first_error: list[str] = []
     bar = progress_bar(len(todo), "judge", unit="prompt")
@@ -737,7 +739,7 @@ def build_summary(cfg, items: list[dict], sides: list[Side], rewards, judge_resu
     figures = win_figures(rows)
     a, b = sides
     summary = {
-        "name_a": a.name, "name_b": b.name, "prompts": cfg.prompts or None, "prompts_total": len(items),
+        "name_a": a.name, "name_b": b.name, "prompts": ",".join(cfg.prompts) or None, "prompts_total": len(items),
         **figures,
         "complete": figures["n"] == len(items), "failed": judge_result["failed"],
         "a": side_figures(a, items, cfg, rewards and rewards["a"]),
@@ -745,7 +747,7 @@ def build_summary(cfg, items: list[dict], sides: list[Side], rewards, judge_resu
         "reward_diff": _est(mean_interval([rewards["a"][it["id"]] - rewards["b"][it["id"]] for it in items],
                                           bounds=(-math.inf, math.inf))) if rewards else None,
         "reward_model": cfg.reward_model or None,
-        "judge": {**judge_descriptor(cfg, judge_settings(cfg)), "base_url": None if cfg.judge else cfg.base_url,
+        "judge": {**judge_descriptor(cfg, judge_settings(cfg)), "base_url": None if cfg.judge else ",".join(cfg.base_url),
                   "requests": judge_result["requests"], "retries": judge_result["retries"],
                   "server_startup_seconds": judge_result["server_startup_seconds"]},
         "max_new_tokens": cfg.max_new_tokens,
@@ -835,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict:
     read_judgements(out_dir / "judgements.jsonl")
     check_tokenizers(cfg, sides)
     print(f"[compare] {sides[0].name} (A: {sides[0].source}) vs {sides[1].name} (B: {sides[1].source}) on "
-          f"{len(items)} prompts; judge {cfg.judge or f'{cfg.model} at {cfg.base_url}'}; output {out_dir}", flush=True)
+          f"{len(items)} prompts; judge {cfg.judge or cfg.model + ' at ' + ','.join(cfg.base_url)}; output {out_dir}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     seconds: dict[str, float | None] = {}

@@ -64,19 +64,19 @@ SPLITS = ("dev", "test", "all")
 class EvaluateConfig(JudgeFlags):
     """Measure a judge on pairs whose better response is known (self-reference vs direct)."""
 
-    input: str = field(default=str(TRUTH_SET), metadata={"help": "truth set(s): message, responses, better (0/1), optional category, split", "path": "data"})
+    input: list[str] = field(default_factory=lambda: [str(TRUTH_SET)], metadata={"help": "truth set(s): message, responses, better (0/1), optional category, split", "path": "data"})
     split: str = field(default="test", metadata={"help": "dev | test | all: rows whose 'split' is this (tune on dev, report test)", "check": ("dev", "test", "all")})
     mode: str = field(default="both", metadata={"help": "self_reference | direct | both"})
     output: str = field(default="out/judge_eval.json", metadata={"help": "JSON with every figure and per-pair records", "path": "output_file"})
-    base_url: str = field(default="http://127.0.0.1:23333/v1", metadata={"help": "comma-separated OpenAI-compatible base URLs (ignored with --serve)"})
+    base_url: list[str] = field(default_factory=lambda: ["http://127.0.0.1:23333/v1"], metadata={"help": "OpenAI-compatible base URLs (ignored with --serve)"})
     model: str = field(default="judge", metadata={"help": "model name served by the judge server(s)"})
     serve: str | None = field(default=None, metadata={"help": "HF model folder: start a local vLLM judge server for it (stopped at the end)", "path": "model"})
     serve_port: int = field(default=0, metadata={"help": "port of the --serve server on 127.0.0.1 (0: a free one)", "check": "[0, 65535]"})
     serve_dtype: str = field(default="float32", metadata={"help": "--dtype of the --serve server"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
-    min_agreement: str = field(default="0.5,0.75,1.0", metadata={"help": "comma-separated agreement thresholds for the kept-share table"})
+    min_agreement: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0], metadata={"help": "agreement thresholds for the kept-share table"})
     accept_agreement: float | None = field(default=None, metadata={"help": "a pair whose votes agree less counts as rejected (wrong) in 'accuracy' (default: the smallest --min_agreement, as self_ref.label would label with it)"})
-    calibration_bins: str = field(default="0.5,0.6,0.7,0.8,0.9,1.0", metadata={"help": "strength bin edges, 0.5 to 1.0"})
+    calibration_bins: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], metadata={"help": "strength bin edges, 0.5 to 1.0"})
     concurrency: int = field(default=16, metadata={"help": "pairs in flight", "check": ">= 1"})
     timeout: float = field(default=300.0, metadata={"help": "seconds per request", "check": "> 0"})
     max_retries: int = field(default=3, metadata={"help": "retries per request", "check": ">= 0"})
@@ -102,23 +102,20 @@ class EvaluateConfig(JudgeFlags):
         return list(MODES) if self.mode == "both" else [self.mode]
 
     def kept_levels(self) -> list[float]:
-        return _floats(self.min_agreement, "--min_agreement", 0.0, 1.0)
+        return _in_range(self.min_agreement, "--min_agreement", 0.0, 1.0)
 
     def bins(self) -> list[float]:
-        edges = _floats(self.calibration_bins, "--calibration_bins", 0.5, 1.0)
+        edges = _in_range(self.calibration_bins, "--calibration_bins", 0.5, 1.0)
         if len(edges) < 2 or edges != sorted(set(edges)) or edges[0] != 0.5 or edges[-1] != 1.0:
             raise ConfigError("--calibration_bins must be increasing edges from 0.5 to 1.0, e.g. 0.5,0.75,1.0")
         return edges
 
 
-def _floats(text: str, flag: str, low: float, high: float) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+def _in_range(values: list[float], flag: str, low: float, high: float) -> list[float]:
+    """A list flag's numbers (parsed by the config), at least one, all in ``[low, high]``."""
     if not values or any(not low <= v <= high for v in values):
-        raise ConfigError(f"{flag} needs numbers in [{low}, {high}], got {text!r}")
-    return values
+        raise ConfigError(f"{flag} needs numbers in [{low}, {high}], got {','.join(map(str, values))!r}")
+    return list(values)
 
 
 # --- truth set --------------------------------------------------------------------------------
@@ -143,10 +140,12 @@ def validate_truth_row(record: dict, message_key: str = "message", responses_key
     return out
 
 
-def load_truth_set(paths: str, split: str = "all", message_key: str = "message", responses_key: str = "responses",
+def load_truth_set(paths: str | list[str], split: str = "all", message_key: str = "message", responses_key: str = "responses",
                    limit: int = -1) -> list[dict]:
-    """The truth set's rows of ``split`` (all rows for "all"), each with an ``id``."""
+    """The truth set's rows of ``split`` (all rows for "all"), each with an ``id``; ``paths``: one
+    file or a list."""
     rows, _ = load_rows(paths, lambda r: validate_truth_row(r, message_key, responses_key))
+    paths = paths if isinstance(paths, str) else ",".join(map(str, paths))  # for the messages
     items = [{**r, "id": r.get("id") or f"{Path(r['_source']).name}:{r['_row']}"} for r in rows]
     if len({i["id"] for i in items}) != len(items):
         raise ConfigError(f"{paths}: duplicate ids; give every row a unique 'id' or drop the column")
@@ -279,12 +278,13 @@ async def judge_items(client: OpenAIClient, prompts: JudgePrompts, settings: Jud
     return [r for r in results if r is not None], failed, time.perf_counter() - t0
 
 
-async def evaluate_modes(cfg: EvaluateConfig, base_url: str, items: list[dict]) -> dict:
+async def evaluate_modes(cfg: EvaluateConfig, base_url: str | list[str], items: list[dict]) -> dict:
     prompts = cfg.load_prompts()
     out = {"modes": {}}
     total_pairs, total_seconds = 0, 0.0
     async with OpenAIClient(base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout,
                             max_retries=cfg.max_retries, concurrency=cfg.concurrency, seed=cfg.seed) as client:
+        base_url = base_url if isinstance(base_url, str) else ",".join(base_url)  # for the messages
         try:
             served = await client.served_models()
         except RequestFailed as e:
@@ -360,14 +360,15 @@ def main(argv: list[str] | None = None) -> dict:
                               f"log {server.log_path}") from None
         print(f"[eval] judge server ready after {server.startup_seconds:.0f} s")
         base_url = server.base_url
-    print(f"[eval] {len(items)} pairs ({cfg.split} split of {cfg.input}); judge {cfg.model} at {base_url}; "
+    print(f"[eval] {len(items)} pairs ({cfg.split} split of {','.join(cfg.input)}); judge {cfg.model} at "
+          f"{base_url if isinstance(base_url, str) else ','.join(base_url)}; "
           f"modes {', '.join(cfg.modes())}; {cfg.num_votes} votes, critique {cfg.max_tokens} tokens")
     try:
         result = asyncio.run(evaluate_modes(cfg, base_url, items))
     finally:
         if server is not None:
             server.stop()
-    result = {"input": cfg.input, "split": cfg.split, "n_pairs": len(items), "judge": cfg.serve or cfg.model,
+    result = {"input": ",".join(cfg.input), "split": cfg.split, "n_pairs": len(items), "judge": cfg.serve or cfg.model,
               "prompts": cfg.prompts or "configs/self_ref_prompts.yaml",
               "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)}, **result}
     print(format_report(result))

@@ -65,7 +65,7 @@ NUM_RESPONSES = 2
 class GenerateConfig:
     """Sample two responses per prompt from a policy (vLLM offline or an OpenAI-compatible server)."""
 
-    input: str = field(default="", metadata={"help": "prompt file(s), comma-separated: jsonl/json/parquet/save_to_disk folder", "path": "data"})
+    input: list[str] = field(default_factory=list, metadata={"help": "prompt file(s): jsonl/json/parquet/save_to_disk folder", "path": "data"})
     output: str = field(default="", metadata={"help": "pairs jsonl (appended; a rerun resumes)", "path": "output_file"})
     input_key: str = field(default="message", metadata={"help": "key of the prompt (a string or chat turns ending with a user turn)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed prompt rows instead of stopping"})
@@ -136,7 +136,7 @@ def load_jobs(cfg: GenerateConfig) -> list[Job]:
     seen: dict[str, int] = Counter(j.id for j in jobs)
     dup = [i for i, n in seen.items() if n > 1]
     if dup:
-        raise ConfigError(f"--input {cfg.input}: two files share a name, so row ids collide (e.g. {dup[0]}); "
+        raise ConfigError(f"--input {','.join(cfg.input)}: two files share a name, so row ids collide (e.g. {dup[0]}); "
                           "rename one of them")
     if cfg.limit >= 0:
         jobs = jobs[: cfg.limit]

@@ -43,7 +43,7 @@ from self_ref.client import OpenAIClient, RequestFailed, ServerUnusable
 from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from self_ref.judge import MODES, JudgeFlags, judge_pair, preference_row
 from training.cli import run_cli
-from training.config import ConfigError, check_output_path, parse_config, same_path, split_list
+from training.config import ConfigError, check_output_path, parse_config, same_path
 from training.progress import progress_bar
 
 
@@ -51,10 +51,10 @@ from training.progress import progress_bar
 class LabelConfig(JudgeFlags):
     """Label response pairs with a self-reference judge."""
 
-    input: str = field(default="", metadata={"help": "pairs file(s): jsonl/json/parquet with message + responses", "path": "data"})
+    input: list[str] = field(default_factory=list, metadata={"help": "pairs file(s): jsonl/json/parquet with message + responses", "path": "data"})
     output: str = field(default="", metadata={"help": "preferences jsonl (appended; resumable)", "path": "output_file"})
     rejects: str | None = field(default=None, metadata={"help": "rejected pairs jsonl (default: OUTPUT with .rejects.jsonl)", "path": "output_file"})
-    base_url: str = field(default="http://127.0.0.1:23333/v1", metadata={"help": "comma-separated OpenAI-compatible base URLs"})
+    base_url: list[str] = field(default_factory=lambda: ["http://127.0.0.1:23333/v1"], metadata={"help": "OpenAI-compatible base URLs (requests spread over them)"})
     model: str = field(default="", metadata={"help": "model name served by the judge server(s)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the API key"})
     message_key: str = "message"
@@ -78,13 +78,10 @@ class LabelConfig(JudgeFlags):
     def rejects_path(self) -> Path:
         return Path(self.rejects) if self.rejects else Path(self.output).with_suffix(".rejects.jsonl")
 
-    def base_urls(self) -> list[str]:
-        return [u.strip() for u in self.base_url.split(",") if u.strip()]
-
     def check_run_flags(self) -> None:
         """The labelling run's own settings, before any request (one ``ConfigError`` naming the
         flag; value ranges are the fields' rules, input and output paths ``parse_config``'s)."""
-        urls = self.base_urls()
+        urls = self.base_url
         if not urls:
             raise ConfigError("--base_url is empty; give the judge server's URL, e.g. http://127.0.0.1:23333/v1")
         for url in urls:
@@ -96,7 +93,7 @@ class LabelConfig(JudgeFlags):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"--base_url {url!r} must be an http(s) URL with a host, e.g. http://127.0.0.1:23333/v1")
         if not self.rejects:  # the default rejects file is a path no flag names: check it here
-            for item in split_list(self.input):
+            for item in self.input:
                 if same_path(self.rejects_path(), item):
                     raise ConfigError(f"--output's rejects file {self.rejects_path()} is also --input: "
                                       "give --rejects another file")
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[data] {report.summary()}")
     items = [{**r, "id": r.get("id") or f"{Path(r['_source']).name}:{r['_row']}"} for r in rows]
     if len({i["id"] for i in items}) != len(items):
-        raise ConfigError(f"{cfg.input}: duplicate ids; give every row a unique 'id' or drop the column")
+        raise ConfigError(f"{','.join(cfg.input)}: duplicate ids; give every row a unique 'id' or drop the column")
     if cfg.limit >= 0:
         items = items[: cfg.limit]
     output = Path(cfg.output)
@@ -222,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     done = read_done_ids(output) | read_done_ids(rejects_path)
     todo = [i for i in items if i["id"] not in done]
     print(f"[label] {len(items)} pairs, {len(items) - len(todo)} already done, {len(todo)} to judge "
-          f"with {cfg.model} at {cfg.base_url} ({cfg.num_votes} votes each)")
+          f"with {cfg.model} at {','.join(cfg.base_url)} ({cfg.num_votes} votes each)")
 
     out, rej = AppendOnlyJsonl(output), AppendOnlyJsonl(rejects_path)
     t0 = time.perf_counter()

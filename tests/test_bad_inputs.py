@@ -48,6 +48,7 @@ def files(tmp_path, tiny_model_dir):
     f["pairs"] = _write_jsonl(tmp_path / "pairs.jsonl", [_pair("Blue.", "Green.")] * 8)
     (tmp_path / "bad.yaml").write_text("learning_rate: [1\n")
     (tmp_path / "typo.yaml").write_text("learnin_rate: 1.0e-5\n")
+    (tmp_path / "probs.yaml").write_text("dataset_probs: [0.5, half]\n")
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
     (tmp_path / "out").mkdir()
@@ -72,9 +73,10 @@ def _rl(f, *flags):
 # (case id, builder(files) -> [module, argv], what the one line must contain)
 CASES = [
     # the dataset flags
-    ("dataset_probs_not_numbers", lambda f: _sft(f, "--dataset_probs", "x"), "--dataset_probs 'x': expected comma-separated numbers"),
+    ("dataset_probs_not_numbers", lambda f: _sft(f, "--dataset_probs", "x"), "--dataset_probs: 'x' is not a number"),
     ("dataset_probs_count", lambda f: _sft(f, "--dataset", f"{CHATS},{f['three']}", "--dataset_probs", "1"), "--dataset_probs has 1 value(s) for 2 datasets"),
-    ("dataset_probs_negative", lambda f: _sft(f, "--dataset", f"{CHATS},{f['three']}", "--dataset_probs", "1,-1"), "--dataset_probs '1,-1': every mixing weight must be > 0"),
+    ("dataset_probs_negative", lambda f: _sft(f, "--dataset", f"{CHATS},{f['three']}", "--dataset_probs", "1,-1"), "--dataset_probs: every value must be > 0, got -1.0"),
+    ("dataset_probs_yaml_list", lambda f: _sft(f, "--config", str(f["tmp"] / "probs.yaml")), "probs.yaml: option 'dataset_probs': 'half' is not a number"),
     ("eval_split_range", lambda f: _sft(f, "--eval_split", "1.5"), "--eval_split must be in [0, 1), got 1.5"),
     ("eval_split_too_few_rows", lambda f: _sft(f, "--dataset", f["three"], "--eval_split", "0.1", "--train_batch_size", "1",
                                                "--micro_train_batch_size", "1"), "three.jsonl: --eval_split 0.1 of 3 rows leaves the eval set empty"),
@@ -111,7 +113,8 @@ CASES = [
     ("rm_chosen_equals_rejected", lambda f: _rm(f, "--dataset", f["same_pair"]), "same.jsonl:5: field 'reject': the same text as 'chose'"),
     ("rm_bad_loss", lambda f: _rm(f, "--loss", "hinge"), "--loss must be one of sigmoid, logexp, logexpwithlm"),
     # RL, all before Ray starts
-    ("rl_reward_weights_text", lambda f: _rl(f, "--reward_weights", "1,x"), "--reward_weights '1,x': expected comma-separated numbers"),
+    ("rl_reward_weights_text", lambda f: _rl(f, "--reward_weights", "1,x"), "--reward_weights: 'x' is not a number"),
+    ("rl_reward_weights_inf", lambda f: _rl(f, "--reward_weights", "inf"), "--reward_weights: every value must be a finite number, got inf"),
     ("rl_reward_weights_count", lambda f: _rl(f, "--reward_weights", "1,2,3"), "--reward_weights has 3 value(s) for 1 reward models"),
     ("rl_negative_lr", lambda f: _rl(f, "--actor_learning_rate=-1e-6"), "--actor_learning_rate must be > 0"),
     ("rl_negative_temperature", lambda f: _rl(f, "--temperature", "-1"), "--temperature must be > 0"),
@@ -149,7 +152,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_heavy_work(case, build, exp
     monkeypatch.chdir(files["tmp"])  # relative paths ("out/sft") resolve here, where out/ exists
     module, argv = build(files)
     code, lines, seconds = _run_in_process(module, argv, capfd)
-    print(f"{case}: {seconds:.2f} s")
+    print(f"[case] {case} | {seconds:.2f} s | {lines[0] if lines else ''}")
     assert code == 2
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: ") and "Traceback" not in lines[0]

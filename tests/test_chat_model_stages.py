@@ -237,7 +237,7 @@ def test_trainer_scores_through_a_ray_reward_worker_equal_rm_training(tiny_model
         pool = DevicePool.create("chat_rm", 1, 1, use_gpu=False)
         group = WorkerGroup(RewardWorker, pool, name="chat_rm", env_vars=worker_env_vars(),
                             init_kwargs={"spec": ModelSpec(path=str(tmp_path / "rm"), torch_threads=1)})
-        group.call("setup")
+        group.call(RewardWorker.setup)
         trainer = RLTrainer(cfg, SimpleNamespace(rewards=[group]), prompts, prompts)
         total, flags, _ = trainer._scores([ended, cut])
     finally:

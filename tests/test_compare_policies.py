@@ -294,6 +294,6 @@ def test_a_judge_settings_yaml_gives_the_judge_flags_and_flags_override_it(tmp_p
     cfg = compare_policies.parse_config(compare_policies.CompareConfig, compare_policies.with_judge_config(argv))
     settings = compare_policies.judge_settings(cfg)
     assert (settings.num_votes, settings.max_tokens, settings.score_verdict) == (4, 20, False)
-    assert cfg.judge_prompts == str(ROOT / "configs" / "self_ref_prompts.yaml") and cfg.prompts == ""
+    assert cfg.judge_prompts == str(ROOT / "configs" / "self_ref_prompts.yaml") and cfg.prompts == []
     yaml_file.write_text("num_votes: 2\ninput: pairs.jsonl\n")
     assert "unknown judge setting(s) input" in one_line_error(capsys, argv)

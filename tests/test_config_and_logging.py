@@ -1,9 +1,9 @@
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pytest
 
-from training.config import DistributedArgs, LoggingArgs, parse_config
+from training.config import ConfigError, DistributedArgs, LoggingArgs, build_parser, check_fields, parse_config
 from training.metrics_logger import MetricsLogger, read_metrics
 
 
@@ -36,6 +36,67 @@ def test_yaml_errors_name_file_and_key(tmp_path):
     yml.write_text("zero_stage: three\n")
     with pytest.raises(ValueError, match=r"bad.yaml: option 'zero_stage': expected int"):
         parse_config(DemoConfig, ["--config", str(yml)])
+
+
+@dataclass
+class ListConfig:
+    files: list[str] = field(default_factory=list, metadata={"help": "data files", "path": "data"})
+    weights: list[float] = field(default_factory=list, metadata={"help": "one per file", "check": "> 0"})
+    sizes: list[int] = field(default_factory=lambda: [1, 4])
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def test_list_fields_from_flags_yaml_lists_and_yaml_comma_strings(tmp_path):
+    cfg = parse_config(ListConfig, ["--files", "a.jsonl, b.jsonl,", "--weights", "1,0.5", "--sizes", "2,8"], paths=False)
+    assert (cfg.files, cfg.weights, cfg.sizes) == (["a.jsonl", "b.jsonl"], [1.0, 0.5], [2, 8])
+    assert parse_config(ListConfig, [], paths=False).sizes == [1, 4]
+    yml = tmp_path / "c.yaml"
+    yml.write_text("files: [a.jsonl, b.jsonl]\nweights: [1, 0.5]\nsizes: 3\n")  # a YAML list; one value
+    cfg = parse_config(ListConfig, ["--config", str(yml)], paths=False)
+    assert (cfg.files, cfg.weights, cfg.sizes) == (["a.jsonl", "b.jsonl"], [1.0, 0.5], [3])
+    yml.write_text("files: a.jsonl,b.jsonl\nweights: 1,0.5\n")  # the flag's comma string
+    cfg = parse_config(ListConfig, ["--config", str(yml)], paths=False)
+    assert (cfg.files, cfg.weights) == (["a.jsonl", "b.jsonl"], [1.0, 0.5])
+    cfg = parse_config(ListConfig, ["--config", str(yml), "--weights", "2,3"], paths=False)  # flag beats YAML
+    assert (cfg.files, cfg.weights) == (["a.jsonl", "b.jsonl"], [2.0, 3.0])
+    assert json.loads(json.dumps(asdict(cfg)))["weights"] == [2.0, 3.0]  # serialises as a list
+
+
+def test_list_field_errors_name_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--weights: 'x' is not a number$"):
+        parse_config(ListConfig, ["--weights", "1,x"], paths=False)
+    with pytest.raises(ConfigError, match=r"^--sizes: '2.5' is not a whole number$"):
+        parse_config(ListConfig, ["--sizes", "2.5"], paths=False)
+    with pytest.raises(ConfigError, match=r"^--weights: every value must be > 0, got -1.0$"):
+        parse_config(ListConfig, ["--weights", "1,-1"], paths=False)
+    with pytest.raises(ConfigError, match=r"^--weights: every value must be a finite number, got nan$"):
+        parse_config(ListConfig, ["--weights", "nan"], paths=False)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("weights: [1, half]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: option 'weights': 'half' is not a number"):
+        parse_config(ListConfig, ["--config", str(yml)], paths=False)
+    yml.write_text("files: [a.jsonl, 3]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: option 'files': 3 is not a string"):
+        parse_config(ListConfig, ["--config", str(yml)], paths=False)
+    yml.write_text("weights: [true]\n")
+    with pytest.raises(ConfigError, match=r"option 'weights': True is not a number"):
+        parse_config(ListConfig, ["--config", str(yml)], paths=False)
+
+
+def test_list_fields_in_code_paths_and_help(tmp_path):
+    cfg = ListConfig(files="a.jsonl,b.jsonl", weights=(1, 2))  # built in code: the same rules
+    assert (cfg.files, cfg.weights) == (["a.jsonl", "b.jsonl"], [1.0, 2.0])
+    with pytest.raises(ConfigError, match="--weights: 'x' is not a number"):
+        ListConfig(weights="x")
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    parse_config(ListConfig, ["--files", str(tmp_path / "a.jsonl")])  # each element's path is checked
+    with pytest.raises(ConfigError, match=r"--files .*nope.jsonl: no such file or folder"):
+        parse_config(ListConfig, ["--files", f"{tmp_path / 'a.jsonl'},{tmp_path / 'nope.jsonl'}"])
+    text = " ".join(build_parser(ListConfig).format_help().split())
+    assert "--sizes SIZES[,...] comma-separated (default: 1,4)" in text
+    assert "data files; comma-separated (default: none)" in text
 
 
 def test_every_yaml_in_configs_parses():

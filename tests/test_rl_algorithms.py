@@ -13,6 +13,7 @@ import torch
 from rl.advantages import (
     compute_gae,
     last_token_index,
+    group_mean_advantages,
     reinforce_baseline_advantages,
     remax_advantages,
     rloo_advantages,
@@ -264,6 +265,19 @@ def test_reinforce_with_given_baseline():
     assert rows(adv) == approx([[-1.0 - 0.05, -1.0, -1.0 - 0.1, -1.0 - 0.1], [2.0 + 0.05, 2.0 + 0.1, 0.0, 0.0]])
 
 
+def test_group_mean_baseline_by_hand():
+    # two prompts x two samples: each prompt's mean is the baseline (the sample included)
+    rewards = torch.tensor([1.0, 3.0, 4.0, 4.0])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
+    adv = group_mean_advantages(rewards, 2, None, mask, kl_coef=0.0)
+    assert rows(adv) == approx([[-1.0, -1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    # one sample per prompt: the batch mean (2.0 for [1, 3])
+    adv = group_mean_advantages(torch.tensor([1.0, 3.0]), 1, None, MASK, kl_coef=0.0)
+    assert rows(adv) == approx([[-1.0] * 4, [1.0, 1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError):
+        group_mean_advantages(rewards, 3, None, mask, 0.0)
+
+
 def test_fully_masked_rows_give_finite_zeros():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
     garbage = torch.tensor([[0.3, 0.2, float("nan")], [float("inf"), float("nan"), -float("inf")]])
@@ -274,6 +288,7 @@ def test_fully_masked_rows_give_finite_zeros():
         remax_advantages(rewards, torch.tensor([0.0, 1.0]), garbage, mask, 0.1),
         rloo_advantages(rewards, 2, garbage, mask, 0.1),
         reinforce_baseline_advantages(rewards, 0.5, garbage, mask, 0.1),
+        group_mean_advantages(rewards, 2, garbage, mask, 0.1),
         kl_penalty(garbage, garbage * 0, "k3", mask),
         masked_whiten(garbage, mask),
     ]

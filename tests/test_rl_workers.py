@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from models.tiny import TinyModelConfig, build_tiny_model
 from models.value_model import load_value_model
 from rl.experience import Experience, SequenceBatch
 from rl.worker_group import DevicePool, WorkerGroup, merge_rank_results
@@ -49,7 +48,7 @@ def sequences(vocab: int, n: int = 6, seed: int = 0) -> SequenceBatch:
 def group(cls, n: int, name: str, **init) -> WorkerGroup:
     pool = DevicePool.create(name, 1, n, use_gpu=False)
     g = WorkerGroup(cls, pool, name=name, init_kwargs=init, env_vars=worker_env_vars())
-    g.call("setup")
+    g.call(cls.setup)
     return g
 
 
@@ -65,7 +64,7 @@ def spec(path, budget=64) -> ModelSpec:
 
 def optim(steps=2, micro=2, packing=False) -> OptimSpec:
     return OptimSpec(learning_rate=1e-2, total_steps=steps, lr_warmup_ratio=0.0, micro_batch_size=micro,
-                     packing_samples=packing, train_token_budget=40)
+                     packing_samples=packing, token_budget=40)
 
 
 @torch.no_grad()
@@ -75,9 +74,9 @@ def test_forward_workers_match_plain_transformers(local_ray, tiny_model_dir, cri
     policy = group(PolicyWorker, 2, "fwd_policy", spec=spec(tiny_model_dir), optim=None)
     critic = group(CriticWorker, 2, "fwd_critic", spec=spec(critic_dir), optim=None)
     reward = group(RewardWorker, 1, "fwd_reward", spec=spec(critic_dir))
-    lp = merge_rank_results(policy.call("logprobs", batch, 0.7), n, "policy")
-    values = merge_rank_results(critic.call("values", batch), n, "critic")
-    scores = merge_rank_results(reward.call("scores", batch), n, "reward")
+    lp = merge_rank_results(policy.call(PolicyWorker.logprobs, batch, 0.7), n, "policy")
+    values = merge_rank_results(critic.call(CriticWorker.values, batch), n, "critic")
+    scores = merge_rank_results(reward.call(RewardWorker.scores, batch), n, "reward")
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     seq_cls = AutoModelForSequenceClassification.from_pretrained(critic_dir).eval()
@@ -121,8 +120,8 @@ def test_two_rank_updates_equal_one_rank(local_ray, tiny_model_dir, critic_dir):
     for world, packing in ((1, False), (2, True)):  # other rank count AND other micro-batching
         actor = group(PolicyWorker, world, f"actor{world}{packing}", spec=spec(tiny_model_dir), optim=optim(packing=packing))
         critic = group(CriticWorker, world, f"critic{world}{packing}", spec=spec(critic_dir), optim=optim(packing=packing))
-        a_stats = actor.call("train", exp, loss="ppo", temperature=1.0, **kw)[0]
-        c_stats = critic.call("train", exp, value_clip=0.2, **kw)[0]
+        a_stats = actor.call(PolicyWorker.train, exp, loss="ppo", temperature=1.0, **kw)[0]
+        c_stats = critic.call(CriticWorker.train, exp, value_clip=0.2, **kw)[0]
         a_sd, c_sd = full_weights(actor), full_weights(critic)
         results[(world, packing)] = (a_stats, c_stats, a_sd, c_sd)
         release(actor, critic)

@@ -309,8 +309,9 @@ def test_several_paths_keep_their_own_row_numbers(tmp_path):
     a = write_lines(tmp_path / "a.jsonl", [pref_row(), "", pref_row(chose="A3")])
     b = str(tmp_path / "b.json")
     (tmp_path / "b.json").write_text(json.dumps([GOOD[1], GOOD[2]]))
-    assert split_paths(f" {a} ,{b},") == [a, b]
-    for paths in (f"{a},{b}", [a, b]):
+    assert split_paths([f" {a} ", b, ""]) == [a, b]
+    assert split_paths(tmp_path / "b.json") == [b]  # one path (a flag's comma list arrives as a list)
+    for paths in ([a, b], (a, tmp_path / "b.json")):
         rows, report = load_rows(paths, validate_preference)
         assert [(r["_source"], r["_row"]) for r in rows] == [(a, 1), (a, 3), (b, 1), (b, 2)]
         assert [r["chosen"] for r in rows] == ["4", "A3", "Paris", "Why did..."]
@@ -321,7 +322,9 @@ def test_several_paths_keep_their_own_row_numbers(tmp_path):
         load_rows([a, bad_b], validate_preference)
     assert str(info.value) == f"{bad_b}:2: field 'reject': expected a non-empty string, got int"
     with pytest.raises(ValueError, match="no data paths given"):
-        load_rows(" , ", validate_preference)
+        load_rows([" ", ""], validate_preference)
+    with pytest.raises(DataError, match="no such file"):  # a string is one path: no comma splitting here
+        load_rows(f"{a},{b}", validate_preference)
 
 
 # ---------------------------------------------------------------- SFT conversations and RL prompts
@@ -373,7 +376,7 @@ def test_mix_follows_the_probabilities():
     assert list(mix_datasets([tagged("a", 2000), tagged("b", 2000)], [4, 1], seed=0)["name"]) == names
     # all_exhausted: every row of both datasets appears.
     assert {(r["name"], r["i"]) for r in mixed} == {(n, i) for n in "ab" for i in range(2000)}
-    even = mix_datasets([tagged("a", 300), tagged("b", 300)], "0.5,0.5", seed=1)  # flags arrive as a string
+    even = mix_datasets([tagged("a", 300), tagged("b", 300)], (0.5, 0.5), seed=1)
     assert 120 <= list(even["name"][:300]).count("a") <= 180
 
 
@@ -383,6 +386,7 @@ def test_mix_single_list_and_no_probs():
     assert list(mix_datasets([tagged("a", 5)], [1.0], seed=0)["i"]) == [0, 1, 2, 3, 4]
     both = mix_datasets([tagged("a", 2), tagged("b", 3)], None, seed=0)
     assert list(both["name"]) == ["a", "a", "b", "b", "b"]
+    assert list(mix_datasets([tagged("a", 2), tagged("b", 3)], [], seed=0)["name"]) == list(both["name"])  # no weights
 
 
 def test_mix_rejects_bad_probs():
@@ -397,8 +401,8 @@ def test_mix_rejects_bad_probs():
         mix_datasets(lists, [-0.5, 1.5], seed=0)
     with pytest.raises(ValueError, match="weight 1 is nan"):
         mix_datasets(lists, [float("nan"), 1.0], seed=0)
-    with pytest.raises(ValueError, match="expected comma-separated numbers"):
-        mix_datasets(lists, "0.5,half", seed=0)
+    with pytest.raises(ValueError, match="expected a list of numbers, not a string"):  # the config parses flags
+        mix_datasets(lists, "0.5,0.5", seed=0)
     with pytest.raises(ValueError, match="dataset 2 of 2 has no rows"):
         mix_datasets([tagged("a", 3), []], [0.5, 0.5], seed=0)
 
@@ -425,7 +429,7 @@ def test_mix_validated_rows_from_two_files(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", GOOD)
     b = str(tmp_path / "b.json")
     (tmp_path / "b.json").write_text(json.dumps([GOOD[1]]))
-    row_lists = [load_rows(p, validate_preference)[0] for p in split_paths(f"{a},{b}")]
+    row_lists = [load_rows(p, validate_preference)[0] for p in split_paths([a, b])]
     mixed = mix_datasets(row_lists, [0.7, 0.3], seed=0)
     sources = {(r["_source"], r["_row"]) for r in mixed}
     assert sources == {(a, 1), (a, 2), (a, 3), (b, 1)}

@@ -233,7 +233,7 @@ def test_the_rl_driver_state_round_trips_with_weights_only(tmp_path):
     calls = []
 
     def call(method, path):  # the actor's ranks: save_state writes its folder, load_state reads it
-        calls.append(method)
+        calls.append(method.__name__)
         Path(path).mkdir(parents=True, exist_ok=True)
 
     no_op_group = types.SimpleNamespace(call=call)

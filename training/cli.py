@@ -2,26 +2,17 @@
 traceback; anything else is a bug and keeps its traceback.
 
 Under torchrun every rank finds the same mistake; only rank 0 says it (torchrun then adds its own
-report of the failed ranks). Every rank exits with status 2.
+report of the failed ranks). Every rank exits with status 2 (``training.config.exit_with_error``).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Callable, TypeVar
 
 from rlhf_data.errors import DataError
-from training.config import ConfigError
+from training.config import ConfigError, exit_with_error
 
 T = TypeVar("T")
-
-
-def user_error(message: str) -> None:
-    """Print one ``error:`` line (rank 0 only) and exit with status 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run_cli(main: Callable[[], T]) -> T:
@@ -29,4 +20,4 @@ def run_cli(main: Callable[[], T]) -> T:
     try:
         return main()
     except (DataError, ConfigError) as e:
-        user_error(str(e))
+        exit_with_error(str(e))

@@ -4,12 +4,18 @@ Flags keep the seed system's names (``--pretrain``, ``--zero_stage``, ``--packin
 booleans accept ``--flag`` / ``--no-flag``. A YAML key that is not a field, or a value of the wrong
 type, stops with an error naming the file and the key.
 
+A field typed ``list[str]``, ``list[float]`` or ``list[int]`` takes a flag value ``a,b,c`` and, in
+YAML, a list or the same comma string; an element of the wrong type is one error naming the flag
+(``--reward_weights: 'x' is not a number``). A dataclass built in code may also pass a comma string
+or a single path: ``check_fields`` turns it into the list.
+
 Everything is checked before any heavy work (process group, Ray, model load, server):
 
 * values, by the ``check`` rule in a field's metadata (``check_fields``, from each config's
   ``__post_init__``): ``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ``"-1 or >= 1"``, or a tuple of choices;
-  every float must be finite;
-* paths, by the ``path`` kind in a field's metadata (``check_paths``, from ``parse_config``):
+  every float must be finite; a list field's rule holds for each of its values;
+* paths, by the ``path`` kind in a field's metadata (``check_paths``, from ``parse_config``; each
+  value of a list field):
   ``model`` (an existing model folder, or a Hub id that resolves), ``data`` (existing files),
   ``output`` (creatable and writable, never one of the inputs).
 """
@@ -18,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
 import sys
+import time
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -37,6 +45,20 @@ class ConfigError(ValueError):
     """A bad option: unknown key, wrong type, or a value the script cannot use."""
 
 
+# torchrun SIGTERMs every rank when the first one exits, so a rank other than 0 that finds the
+# mistake first would silence rank 0's line; it waits this long for rank 0 to say it and exit.
+_OTHER_RANKS_WAIT_S = 20.0
+
+
+def exit_with_error(message: str) -> None:
+    """Print one ``error:`` line and exit with status 2; under torchrun only rank 0 prints."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(_OTHER_RANKS_WAIT_S)
+    sys.exit(2)
+
+
 def _base_type(tp: Any) -> Any:
     """``int | None`` -> int; ``Optional[str]`` -> str."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -46,10 +68,67 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _list_element(tp: Any) -> Any:
+    """``list[float]`` (or ``list[float] | None``) -> float; None for a field that is not a list."""
+    base = _base_type(tp)
+    if base is list or typing.get_origin(base) is list:
+        return (typing.get_args(base) or (str,))[0]
+    return None
+
+
+_ELEMENT_NAME = {float: "a number", int: "a whole number", str: "a string"}
+
+
+def _list_value(value: Any, elem: Any, where: str) -> list:
+    """A list field's value: ``"a, b"`` (comma-separated, blanks dropped), a list, or one value;
+    each element converted to ``elem``. One ``ConfigError`` starting with ``where`` for a bad one."""
+    if isinstance(value, str):
+        items: list = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    out = []
+    for item in items:
+        if isinstance(item, os.PathLike):
+            item = os.fspath(item)
+        if isinstance(item, str):
+            item = item.strip()
+            if not item:
+                continue
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            if elem is str:
+                if not isinstance(item, str):
+                    raise ValueError
+                converted = item
+            elif elem in (int, float):
+                if not isinstance(item, (str, int, float)) or (
+                        elem is int and isinstance(item, float) and not item.is_integer()):
+                    raise ValueError
+                converted = elem(item)
+            else:
+                converted = item
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {item!r} is not {_ELEMENT_NAME.get(elem, getattr(elem, '__name__', elem))}") from None
+        out.append(converted)
+    return out
+
+
+def _show(value: Any) -> str:
+    """A value as a flag spells it (lists comma-separated)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     base = _base_type(tp)
     if value is None or base is Any:
         return value
+    if (elem := _list_element(tp)) is not None:
+        return _list_value(value, elem, where)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -89,9 +168,7 @@ class OneLineParser(argparse.ArgumentParser):
     """A bad flag ends with one ``error:`` line and exit 2 (argparse's own code), not the usage."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(f"{message} (see --help)")
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
@@ -103,10 +180,15 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
         help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if _list_element(tp) is not None:
+            help_text = f"{help_text}; comma-separated" if help_text else "comma-separated"
+        help_text = f"{help_text} (default: {_show(default)})" if help_text else f"default: {_show(default)}"
         if "check" in f.metadata:
             help_text += f"; {_rule_text(f.metadata['check'])}"
-        if tp is bool:
+        if _list_element(tp) is not None:
+            parser.add_argument(f"--{f.name}", type=str, default=None, metavar=f"{f.name.upper()}[,...]",
+                                help=help_text.replace("%", "%%"))
+        elif tp is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=tp if tp in (int, float, str) else str,
@@ -120,10 +202,12 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
     (values always, paths unless ``paths=False``: tests of the value rules on made-up paths)."""
     args = build_parser(cls, description).parse_args(argv)
     values: dict[str, Any] = load_yaml(cls, args.config) if args.config else {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = getattr(args, f.name)
         if flag is not None:
-            values[f.name] = flag
+            elem = _list_element(hints[f.name])
+            values[f.name] = flag if elem is None else _list_value(flag, elem, f"--{f.name}")
     cfg = cls(**values)
     if paths:
         check_paths(cfg)
@@ -160,38 +244,45 @@ def satisfies(value, rule) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _list_fields(cls: type) -> dict[str, Any]:
+    """The list fields of a config class: name -> element type."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 -- an annotation that does not resolve: no list fields known
+        return {}
+    return {n: e for n, tp in hints.items() if (e := _list_element(tp)) is not None}
+
+
 def check_fields(cfg) -> None:
-    """Every field of ``cfg`` against its ``check`` rule; every float finite. One ``ConfigError``
-    naming the flag for the first that fails."""
+    """Every field of ``cfg`` against its ``check`` rule; every float finite; a list field's rule
+    and finiteness for each of its values (a comma string or single value given in code becomes
+    the list first). One ``ConfigError`` naming the flag for the first that fails."""
+    lists = _list_fields(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value is None or isinstance(value, bool):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{f.name} must be a finite number, got {value}")
-        rule = f.metadata.get("check")
-        if rule is not None and not satisfies(value, rule):
-            raise ConfigError(f"--{f.name} {_rule_text(rule)}, got {value!r}")
+        if f.name in lists and value is not None:
+            value = _list_value(value, lists[f.name], f"--{f.name}")
+            setattr(cfg, f.name, value)
+        for item in value if isinstance(value, list) else [value]:
+            _check_value(f, item, each=isinstance(value, list))
 
 
-def split_list(value: str | None) -> list[str]:
-    """``"a,b"`` -> ``["a", "b"]`` (blank items dropped)."""
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
+def _check_value(f: dataclasses.Field, value: Any, each: bool) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    name = f"--{f.name}: every value" if each else f"--{f.name}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    rule = f.metadata.get("check")
+    if rule is not None and not satisfies(value, rule):
+        raise ConfigError(f"{name} {_rule_text(rule)}, got {value!r}")
 
 
-def float_list(flag: str, value: str, count: int | None = None, what: str = "") -> list[float]:
-    """Comma-separated finite numbers, ``count`` of them when given."""
-    items = split_list(value)
-    try:
-        numbers = [float(v) for v in items]
-    except ValueError:
-        raise ConfigError(f"{flag} {value!r}: expected comma-separated numbers") from None
-    bad = [v for v in numbers if not math.isfinite(v)]
-    if bad:
-        raise ConfigError(f"{flag} {value!r}: every value must be a finite number")
-    if count is not None and len(numbers) != count:
-        raise ConfigError(f"{flag} has {len(numbers)} value(s) for {count} {what}: give exactly {count}")
-    return numbers
+def check_count(flag: str, values: list, count: int, what: str) -> None:
+    """``values`` (a list flag) has one value per ``what`` (``count`` of them)."""
+    if len(values) != count:
+        raise ConfigError(f"{flag} has {len(values)} value(s) for {count} {what}: give exactly {count}")
 
 
 def world_size() -> int:
@@ -249,12 +340,13 @@ def check_model_path(flag: str, value: str) -> None:
                           f"({type(e).__name__})") from None
 
 
-def check_data_path(flag: str, value: str) -> None:
-    """Every comma-separated data file or ``save_to_disk`` folder exists (contents are checked
+def check_data_path(flag: str, value: str | list[str]) -> None:
+    """Every data file or ``save_to_disk`` folder (one, or a list) exists (contents are checked
     row by row when read)."""
-    if not split_list(value):
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(items):
         raise ConfigError(f"{flag} is empty")
-    for item in split_list(value):
+    for item in items:
         if not Path(item).expanduser().exists():
             raise ConfigError(f"{flag} {item}: no such file or folder")
 
@@ -292,16 +384,17 @@ def check_paths(cfg) -> None:
     outputs: list[tuple[str, str, str]] = []
     for f in dataclasses.fields(cfg):
         kind, value = f.metadata.get("path"), getattr(cfg, f.name)
-        if not kind or value in (None, ""):
+        if not kind or value in (None, "") or value == []:
             continue
         flag = f"--{f.name}"
+        items = value if isinstance(value, list) else [value]
         if kind == "model":
-            for item in split_list(value):
+            for item in items:
                 check_model_path(flag, item)
                 inputs.append((flag, item))
         elif kind == "data":
             check_data_path(flag, value)
-            inputs += [(flag, item) for item in split_list(value)]
+            inputs += [(flag, item) for item in items]
         elif kind in ("output", "output_file"):
             check_output_path(flag, value, "file" if kind == "output_file" else "dir")
             outputs.append((flag, value))
@@ -339,9 +432,9 @@ class LoggingArgs:
 
 @dataclass
 class TrainDataArgs:
-    dataset: str = field(default="", metadata={"help": "comma-separated jsonl/json/parquet files or save_to_disk folders", "path": "data"})
-    dataset_probs: str | None = field(default=None, metadata={"help": "comma-separated mixing weights, one per dataset"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation files (else --eval_split of each dataset)", "path": "data"})
+    dataset: list[str] = field(default_factory=list, metadata={"help": "jsonl/json/parquet files or save_to_disk folders", "path": "data"})
+    dataset_probs: list[float] = field(default_factory=list, metadata={"help": "mixing weights, one per dataset (default: each row once)", "check": "> 0"})
+    eval_dataset: list[str] = field(default_factory=list, metadata={"help": "evaluation files (else --eval_split of each dataset)", "path": "data"})
     eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation", "check": "[0, 1)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed rows instead of stopping"})
     max_len: int = field(default=2048, metadata={"help": "max tokens per sample", "check": ">= 2"})
@@ -386,13 +479,13 @@ def check_libraries(cfg) -> None:
                               "(pip install flash-attn --no-build-isolation), or drop the flag for the SDPA fallback")
 
 
-def check_data_mix(files: str, probs: str | None, eval_files: str | None, eval_split: float,
+def check_data_mix(files: list[str], probs: list[float], eval_files: list[str], eval_split: float,
                    names: tuple[str, str, str]) -> None:
-    """One positive mixing weight per file, and one source of evaluation data.
-    ``names``: (the weights' flag, what the files are, the eval files' flag)."""
+    """One mixing weight per file (when weights are given; each > 0 by the field's rule), and one
+    source of evaluation data. ``names``: (the weights' flag, what the files are, the eval files' flag)."""
     probs_flag, what, eval_flag = names
-    if probs is not None and any(w <= 0 for w in float_list(probs_flag, probs, len(split_list(files)), what)):
-        raise ConfigError(f"{probs_flag} {probs!r}: every mixing weight must be > 0")
+    if probs:
+        check_count(probs_flag, probs, len(files), what)
     if eval_files and eval_split:
         raise ConfigError(f"{eval_flag} and --eval_split both name the evaluation data: give one")
 

@@ -1,11 +1,13 @@
-"""The scaffolding every trainer puts around its model: the step count, optimizer and schedule,
-resuming, metrics, the progress bar and saving. The recipes keep what differs (data, loss,
-evaluation) and their loop in plain sight:
+"""The scaffolding every trainer puts around its model: the step count, resuming, metrics, the
+progress bar and saving (the model itself, with its optimizer and schedule, is a
+``training.sharded_model.ShardedModel``, as in the RL workers). The recipes keep what differs
+(data, loss, evaluation) and their loop in plain sight:
 
-    run = TrainingRun(cfg, env, model, model.model, tokenizer, num_samples=len(data), name="rm")
+    total = training_steps(cfg, len(data))
+    model = ShardedModel(build, env, ..., optim=optim_spec(cfg, total, token_budget))
+    run = TrainingRun(cfg, env, model, tokenizer, num_samples=len(data), name="rm")
     for epoch, indices in run.global_batches():
-        plan = run.plan(indices, lengths, token_budget)
-        totals, grad_norm, processed = train_step(model, plan, micro_loss, run.optimizer, run.scheduler, cfg.max_norm)
+        totals, grad_norm, processed = model.step(model.plan(indices, lengths), micro_loss)
         run.step_done(totals, len(indices), grad_norm, epoch, real_tokens, processed)
         ...
     run.finish()
@@ -15,32 +17,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from models.distributed import all_reduce_mean
-from models.fsdp import save_hf_pretrained
-from training.batches import EpochSampler, split_global_batch
+from training.batches import EpochSampler
 from training.checkpoint import resume_position, save_checkpoint
 from training.metrics_logger import MetricsLogger
-from training.optim import build_optimizer, build_scheduler
 from training.progress import progress_bar
+from training.sharded_model import OptimSpec, ShardedModel
 from training.step import global_means
 
 
-class TrainingRun:
-    def __init__(self, cfg, env, model, hf_model, tokenizer, *, num_samples: int, name: str, log=print):
-        self.cfg, self.env, self.model, self.hf_model, self.tokenizer = cfg, env, model, hf_model, tokenizer
-        self.sampler = EpochSampler(num_samples, cfg.train_batch_size, cfg.seed)
-        self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
-        if cfg.max_steps > 0:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.optimizer = build_optimizer(model, cfg.learning_rate, cfg.l2)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.lr_warmup_ratio)
+def training_steps(cfg, num_samples: int) -> int:
+    """Optimizer steps of the whole run: ``--max_epochs`` over the data, capped by ``--max_steps``."""
+    total = EpochSampler(num_samples, cfg.train_batch_size, cfg.seed).steps_per_epoch * cfg.max_epochs
+    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
-        resumed = resume_position(cfg.ckpt_path, model, self.optimizer, self.scheduler, log)
+
+def optim_spec(cfg, total_steps: int, token_budget: int) -> OptimSpec:
+    """The trainer flags' ``OptimSpec``: micro-batches by ``--micro_train_batch_size``, or by
+    ``token_budget`` tokens with ``--packing_samples``."""
+    return OptimSpec(learning_rate=cfg.learning_rate, total_steps=total_steps, l2=cfg.l2,
+                     lr_warmup_ratio=cfg.lr_warmup_ratio, max_norm=cfg.max_norm,
+                     micro_batch_size=cfg.micro_train_batch_size, packing_samples=cfg.packing_samples,
+                     token_budget=token_budget)
+
+
+class TrainingRun:
+    def __init__(self, cfg, env, model: ShardedModel, tokenizer, *, num_samples: int, name: str, log=print):
+        self.cfg, self.env, self.model, self.tokenizer = cfg, env, model, tokenizer
+        self.sampler = EpochSampler(num_samples, cfg.train_batch_size, cfg.seed)
+        self.total_steps = training_steps(cfg, num_samples)
+        if model.optim_spec.total_steps != self.total_steps:
+            raise ValueError(f"the model's schedule has {model.optim_spec.total_steps} steps, the run {self.total_steps}")
+
+        resumed = resume_position(cfg.ckpt_path, model.module, model.optimizer, model.scheduler, log)
         self.step, epoch, in_epoch = resumed or (0, 0, 0)
         self.position = (epoch, in_epoch)  # of the next global batch
         self.logger = MetricsLogger(
@@ -57,15 +71,6 @@ class TrainingRun:
         for epoch, indices, after in self.sampler.batches_from(self.position, self.cfg.max_epochs, todo):
             self.position = after  # what a checkpoint taken after this step resumes from
             yield epoch, indices
-
-    def plan(self, indices: Sequence[int], lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-        """This rank's micro-batches: by count, or by token budget with ``--packing_samples``."""
-        cfg = self.cfg
-        return split_global_batch(
-            indices, lengths, self.env.world_size,
-            micro_batch_size=None if cfg.packing_samples else cfg.micro_train_batch_size,
-            token_budget=token_budget if cfg.packing_samples else None,
-        )[self.env.rank]
 
     def step_done(self, totals: dict, n_samples: int, grad_norm: float, epoch: int, real_tokens: int,
                   processed_tokens: int, derive=None) -> dict | None:
@@ -84,7 +89,7 @@ class TrainingRun:
             metrics |= derive(metrics)
         processed = all_reduce_mean(torch.tensor(float(self._processed_tokens))).item() * self.env.world_size
         seconds = now - self._t_last
-        metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "epoch": epoch,
+        metrics |= {"grad_norm": grad_norm, "lr": self.model.lr, "epoch": epoch,
                     "tokens_per_s": self._real_tokens / seconds, "processed_tokens_per_s": processed / seconds}
         self._t_last, self._real_tokens, self._processed_tokens = now, 0, 0
         self.logger.log(self.step, metrics)
@@ -99,9 +104,10 @@ class TrainingRun:
         """HF folder to ``--save_path`` and resumable state to ``--ckpt_path``. Collective."""
         cfg = self.cfg
         if cfg.save_path:
-            save_hf_pretrained(self.hf_model, cfg.save_path, self.tokenizer)
+            self.model.save_pretrained(cfg.save_path, self.tokenizer)
         if cfg.ckpt_path:
-            save_checkpoint(cfg.ckpt_path, self.step, self.model, self.optimizer, self.scheduler,
+            m = self.model
+            save_checkpoint(cfg.ckpt_path, self.step, m.module, m.optimizer, m.scheduler,
                             {"epoch": self.position[0], "step_in_epoch": self.position[1]}, keep=cfg.max_ckpt_num)
 
     def finish(self) -> None:

@@ -1,0 +1,119 @@
+"""One model sharded over the process group, with its optimizer and schedule when it trains: the
+scaffold that SFT and RM training (``training.run.TrainingRun``) and every RL worker
+(``rl.workers.ModelWorker``) build their model with.
+
+    model = ShardedModel(lambda: Actor.from_pretrained(path), env, optim=OptimSpec(lr, total_steps))
+    out = model(batch)                                     # the wrapped module's forward
+    totals, grad_norm, processed = model.step(model.plan(indices, lengths), micro_loss)
+    model.save_state(folder); model.load_state(folder)     # resumable state (sharded)
+    model.save_pretrained(path, tokenizer)                 # a plain HF folder (rank 0 writes)
+
+A frozen model (``optim=None``: the reference policy, a reward model) is put in eval mode with no
+gradients and may load in bf16 (``load_dtype``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from models.fsdp import full_state_dict, save_hf_pretrained, shard_model
+from training.batches import split_global_batch
+from training.checkpoint import load_model_state, save_model_state
+from training.optim import build_optimizer, build_scheduler
+from training.step import MicroLoss, train_step
+
+
+@dataclass
+class OptimSpec:
+    """How a trainable model updates: optimizer, schedule, clipping and its micro-batch plan."""
+
+    learning_rate: float
+    total_steps: int
+    l2: float = 0.0
+    lr_warmup_ratio: float = 0.03
+    max_norm: float = 1.0
+    micro_batch_size: int = 4  # samples per micro-batch per rank (without packing)
+    packing_samples: bool = True
+    token_budget: int = 8192  # tokens of a packed micro-batch (with packing)
+
+
+def load_dtype(bf16: bool, trainable: bool) -> torch.dtype:
+    """bf16 weights for a frozen model under --bf16: its forward is bf16 either way (FSDP's mixed
+    precision casts fp32 weights to the same bf16 values), at half the memory. A trainable model
+    keeps fp32 master weights."""
+    return torch.bfloat16 if bf16 and not trainable else torch.float32
+
+
+class ShardedModel:
+    """``build()`` -> ``(module, the HF model inside it)``, sharded with FSDP2 over ``env``'s
+    process group; trainable when ``optim`` is given."""
+
+    def __init__(self, build: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], env, *, zero_stage: int = 3,
+                 bf16: bool = False, gradient_checkpointing: bool = False, seed: int = 42,
+                 optim: OptimSpec | None = None):
+        self.env, self.optim_spec = env, optim
+        torch.manual_seed(seed)  # a fresh head gets the same init on every rank
+        self.module, self.hf_model = build()
+        self.hf_model.config.use_cache = False  # packed rows: the KV cache would merge samples
+        self.num_parameters = sum(p.numel() for p in self.module.parameters())  # before sharding
+        shard_model(self.module, zero_stage=zero_stage, device=env.device, bf16=bf16,
+                    gradient_checkpointing=gradient_checkpointing and optim is not None, hf_model=self.hf_model)
+        self.optimizer = self.scheduler = None
+        if optim is None:
+            self.module.eval()
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+        else:
+            self.module.train()
+            self.optimizer = build_optimizer(self.module, optim.learning_rate, optim.l2)
+            self.scheduler = build_scheduler(self.optimizer, optim.total_steps, optim.lr_warmup_ratio)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ShardedModel":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ShardedModel":
+        return self.train(False)
+
+    # -- training ----------------------------------------------------------------------------------
+    def plan(self, indices: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
+        """This rank's micro-batches of one global batch (``indices``): by sample count, or by
+        token budget with packing (never below the longest sample)."""
+        o = self.optim_spec
+        if o.packing_samples:
+            budget = max(o.token_budget, max(lengths[i] for i in indices))
+            return split_global_batch(indices, lengths, self.env.world_size, token_budget=budget)[self.env.rank]
+        return split_global_batch(indices, lengths, self.env.world_size,
+                                  micro_batch_size=o.micro_batch_size)[self.env.rank]
+
+    def step(self, plan: Sequence[Sequence[int]], micro_loss: MicroLoss):
+        """One optimizer step over ``plan`` (``training.step.train_step``):
+        ``(summed stats, grad norm, processed tokens)``."""
+        return train_step(self.module, plan, micro_loss, self.optimizer, self.scheduler, self.optim_spec.max_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- saving ------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full HF-format state dict on rank 0 (None elsewhere). Collective."""
+        sd = full_state_dict(self.hf_model)
+        return sd if self.env.rank == 0 else None
+
+    def save_pretrained(self, path: str, tokenizer) -> None:
+        """A plain HF folder (collective; rank 0 writes)."""
+        save_hf_pretrained(self.hf_model, path, tokenizer)
+
+    def save_state(self, folder) -> None:
+        """Sharded model + optimizer, schedule and RNG into ``folder`` (collective)."""
+        save_model_state(folder, self.module, self.optimizer, self.scheduler)
+
+    def load_state(self, folder) -> None:
+        load_model_state(folder, self.module, self.optimizer, self.scheduler)
