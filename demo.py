@@ -17,14 +17,15 @@ Stages, each one plain command printed before it runs (copy it to re-run or swap
 
 Prompts: ``models/assets/tiny_prompts.jsonl`` (96 rows, ``message``: the first user turn, with
 its system turn, of every third conversation of the shipped corpus). Each stage's full output is
-in ``OUT/logs/STAGE.log``; the terminal shows a short view (the commands' ``[tag]`` lines and
-progress bars). Commands run from the repository root with this interpreter, each in its own
-process group, which is killed (and the judge server stopped) on success, failure and Ctrl-C.
+in ``OUT/logs/STAGE.log``; the terminal shows a short view (the commands' ``[tag]`` lines, their
+progress as ``[progress]`` lines). Commands run from the repository root with this interpreter,
+each in its own process group, which is killed (and the judge server stopped) on success, failure
+and Ctrl-C. The stage runner is ``pipeline/``; this script holds the stages and the summary.
 
 Re-running skips finished stages. ``OUT/stages/STAGE.json`` marks a stage done with the command
 that made it, the hashes of the config and data files the command names, and the run ids of the
 stages before it: a stage runs again when its command or one of those files changed, an output
-is missing, an earlier stage was redone, or ``--force`` names it. A fresh run
+is missing, an earlier stage was redone, or ``--force`` names it (``pipeline.cache``). A fresh run
 of a stage deletes its old outputs first; generate and label, interrupted, resume where they
 stopped (their outputs are append-only and keyed by row id).
 
@@ -34,25 +35,19 @@ meaning here. The demo shows that every stage works, and how they connect, not a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import re
-import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.processes import install_interrupt_handlers, log_tail
+from pipeline.runner import run_pipeline
+from pipeline.stage import Stage, StageFailed, StageResult
 from reports.demo_report import write_report
-from self_ref.server import HOST, VLLMServer, terminate_process_group
+from serving.openai_server import VLLMServer
 from training.cli import run_cli
 from training.config import ConfigError, check_fields, parse_config
 
@@ -120,7 +115,7 @@ class DemoConfig:
     out: str = field(default="out/demo", metadata={"help": "folder for every artefact, log and stage marker", "path": "output"})
     algo: str = field(default="remax", metadata={"help": "RL algorithm: remax or ppo"})
     until: str = field(default="compare", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)}"})
-    force: str = field(default="", metadata={"help": "stages to redo even if done: 'all' or comma-separated names (later stages follow)"})
+    force: list[str] = field(default_factory=list, metadata={"help": "stages to redo even if done: 'all' or stage names (later stages follow)"})
     prompts: str | None = field(default=None, metadata={"help": "training prompts jsonl (key message) for generation and RL (default: the model's shipped set)", "path": "data"})
     judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1", "check": "[1, 65535]"})
 
@@ -146,9 +141,9 @@ def from_root(path: str | Path) -> Path:
     return Path(os.path.relpath(resolved, ROOT)) if resolved.is_relative_to(ROOT) else resolved
 
 
-def parse_stage_list(text: str) -> set[str]:
-    """``--force`` value -> stage names: '' (none), 'all', or comma-separated names."""
-    names = {n.strip() for n in text.split(",") if n.strip()}
+def parse_stage_list(names: list[str]) -> set[str]:
+    """``--force`` value -> stage names: none, ``["all"]``, or stage names."""
+    names = set(names)
     if names == {"all"}:
         return set(STAGE_NAMES)
     unknown = sorted(names - set(STAGE_NAMES))
@@ -159,27 +154,6 @@ def parse_stage_list(text: str) -> set[str]:
 
 
 # --- stages ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    name: str
-    title: str
-    command: list[str]
-    outputs: list[Path]  # deleted before a fresh run; all must exist for the stage to count as done
-    resumable: bool = False  # an interrupted attempt of the same command keeps its partial outputs
-    requires: list[Path] = field(default_factory=list)  # files the command needs that a checkout may lack
-    server: VLLMServer | None = None  # running while the command runs (kept up for the next stage that needs it too)
-    env: dict[str, str] = field(default_factory=dict)  # set for the command (and shown before it)
-    keep_outputs: bool = False  # the command itself skips finished work (a shared model cache): never delete
-
-    def shell_command(self) -> str:
-        return shell_line(self.command, self.env)
-
-
-def shell_line(command: list[str], env: dict[str, str] | None = None) -> str:
-    """A command as a shell line to copy: environment settings first."""
-    return shlex.join([f"{k}={v}" for k, v in (env or {}).items()] + command)
 
 
 @dataclass(frozen=True)
@@ -270,338 +244,6 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
                "--judge_max_model_len", str(p.judge_max_model_len)],
               [a.compare], resumable=True, requires=[ROOT / "self_ref" / "compare_policies.py"]),
     ]
-
-
-# --- completeness markers -------------------------------------------------------------------
-
-
-def marker_path(out: Path, name: str) -> Path:
-    return out / "stages" / f"{name}.json"
-
-
-def read_marker(out: Path, name: str) -> dict | None:
-    path = marker_path(out, name)
-    if not path.exists():
-        return None
-    try:
-        marker = json.loads(path.read_text())
-    except ValueError:
-        return None  # a marker cut short by a crash proves nothing: the stage runs again
-    return marker if isinstance(marker, dict) else None
-
-
-def write_marker(out: Path, name: str, marker: dict) -> None:
-    path = marker_path(out, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(marker, indent=2))
-    tmp.replace(path)  # atomic: a reader sees the old marker or the new one, never half of one
-
-
-DATA_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
-
-
-def fingerprint(stage: Stage, upstream_run_ids: dict[str, str]) -> dict:
-    """What a stage's outputs depend on: its command (and its server's), the content of the config
-    and data files it names (an edited YAML makes it stale), and which runs of the earlier stages
-    it read. Its own outputs are not inputs."""
-    files = {arg: hashlib.sha1(Path(arg).read_bytes()).hexdigest() for arg in stage.command
-             if arg.endswith(DATA_SUFFIXES) and Path(arg).is_file() and Path(arg) not in stage.outputs}
-    return {"command": stage.command, "env": stage.env, "server": stage.server.command() if stage.server else None,
-            "files": files, "after": upstream_run_ids}
-
-
-def stage_state(stage: Stage, marker: dict | None, fp: dict, forced: bool) -> str:
-    """'done' (skip it), 'resume' (rerun, keeping partial outputs) or 'fresh' (delete outputs, rerun)."""
-    same = marker is not None and marker.get("fingerprint") == fp
-    if same and not forced and marker.get("status") == "done" and all(p.exists() for p in stage.outputs):
-        return "done"
-    if same and not forced and marker.get("status") == "running" and stage.resumable:
-        return "resume"
-    return "fresh"
-
-
-def remove_outputs(stage: Stage) -> None:
-    if stage.keep_outputs:
-        return
-    for path in stage.outputs:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
-# --- running commands -----------------------------------------------------------------------
-
-
-class StageFailed(Exception):
-    def __init__(self, stage: Stage, reason: str, log: Path | None):
-        super().__init__(reason)
-        self.stage, self.reason, self.log = stage, reason, log
-
-
-# tqdm: "sft:  56%|█████▌    | 30/54 [00:05<00:04,  5.85step/s, loss=6.69]"; up to the "]" because
-# another process's log line can follow on the same line (the bar ends without a newline)
-BAR = re.compile(r"^.*?\d+%\|[^\]]*\]?")
-QUIET_BARS = ("Loading weights", "Writing model shards", "Loading safetensors checkpoint shards")  # loads/saves
-TAGGED = re.compile(r"^\[([a-z_]+)\]( |$)")  # the project's "[data] ...", "[eval] ...", "[label] ..."
-QUIET_TAGS = ("transformers",)  # load reports
-UNTAGGED_SHOWN = re.compile(r"^(error:|wrote )")
-
-
-class ProgressView:
-    """A short view of a command's output for the terminal: its ``[tag]`` lines and errors, and its
-    progress bars (redrawn in place on a terminal, every ``bar_interval`` seconds otherwise; each
-    bar's last state stays as a line)."""
-
-    def __init__(self, stream=None, bar_interval: float = 15.0):
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.bar_interval = bar_interval
-        self.bar: str | None = None  # the latest state of the current bar, not yet a line
-        self.bar_desc: str | None = None
-        self._bar_printed_at = -math.inf
-        self._bar_on_screen = False
-
-    def _clip(self, text: str) -> str:
-        width = shutil.get_terminal_size((160, 20)).columns - 1 if self.tty else 200
-        text = "    " + text
-        return text if len(text) <= width else text[: width - 1] + "…"
-
-    def _line(self, text: str) -> None:
-        self._clear_bar()
-        self.stream.write(self._clip(text) + "\n")
-
-    def _clear_bar(self) -> None:
-        if self._bar_on_screen:
-            self.stream.write("\r\033[K")
-            self._bar_on_screen = False
-
-    def _settle_bar(self) -> None:
-        if self.bar is not None:
-            self._line(self.bar)
-            self.bar = None
-
-    def segment(self, text: str) -> None:
-        """One piece of output between two line breaks or carriage returns."""
-        text = text.strip()
-        bar = BAR.match(text)
-        if bar:
-            text = bar.group(0)
-            desc = text.split(":", 1)[0]
-            if desc.startswith(QUIET_BARS):
-                return
-            if desc != self.bar_desc:  # a new bar: the previous one's last state stays as a line,
-                self._settle_bar()     # the new one shows at once
-                self._bar_printed_at = -math.inf
-            self.bar, self.bar_desc = text, desc
-            if self.tty:
-                self.stream.write("\r\033[K" + self._clip(text))
-                self._bar_on_screen = True
-            elif time.monotonic() - self._bar_printed_at >= self.bar_interval:
-                self._line(text)
-                self.bar, self._bar_printed_at = None, time.monotonic()
-        else:
-            tag = TAGGED.match(text)
-            if (tag and tag.group(1) not in QUIET_TAGS) or UNTAGGED_SHOWN.match(text):
-                self._line(text)
-                if self.tty and self.bar is not None:  # redraw the bar below the new line
-                    self.stream.write(self._clip(self.bar))
-                    self._bar_on_screen = True
-        self.stream.flush()
-
-    def close(self) -> None:
-        self._settle_bar()
-        self.stream.flush()
-
-
-@contextmanager
-def interrupts_deferred():
-    """A second Ctrl-C while a process group is being stopped would leave half of it running."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the command's group, SIGKILL it after a grace period; also kills what a finished
-    command left behind in its group (torchrun workers, an engine process, Ray's daemons)."""
-    with interrupts_deferred():
-        terminate_process_group(proc, grace=10.0)
-
-
-def run_command(command: list[str], log_path: Path, view: ProgressView, append: bool = False,
-                env: dict[str, str] | None = None) -> int:
-    """Run ``command`` (with ``env`` on top of ours) from the repository root in its own process
-    group (so Ctrl-C reaches the demo alone, which then stops the whole group): all output to
-    ``log_path``, a short view to the terminal. Returns the exit status."""
-    full_env = os.environ | {"PYTHONUNBUFFERED": "1"}  # lines reach the log and the view as they are written
-    full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    full_env |= env or {}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab" if append else "wb") as log:
-        log.write(f"$ {shell_line(command, env)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        try:
-            pending = b""
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                log.write(chunk)
-                log.flush()
-                *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
-                for piece in pieces:
-                    view.segment(piece.decode("utf-8", errors="replace"))
-            view.segment(pending.decode("utf-8", errors="replace"))
-            return proc.wait()
-        finally:
-            stop_process_group(proc)
-            proc.stdout.close()
-            view.close()
-
-
-def log_tail(path: Path, lines: int = 25) -> list[str]:
-    """The last lines of a log, each progress bar's redraws collapsed to its last state."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return [f"(no log at {path})"]
-    out: list[str] = []
-    last_bar_desc = None
-    for piece in re.split(r"[\r\n]", text):
-        piece = piece.strip()
-        if not piece:
-            continue
-        bar = BAR.match(piece)
-        desc = piece.split(":", 1)[0] if bar else None
-        if bar and desc == last_bar_desc:
-            out[-1] = bar.group(0)
-            continue
-        out.append(bar.group(0) if bar else piece)
-        last_bar_desc = desc
-    return out[-lines:]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def start_server(stage: Stage, view_stream) -> None:
-    server = stage.server
-    print(f"$ {shell_line(server.command())} &", file=view_stream)
-    print(f"    log: {server.log_path}; waiting until it serves '{server.model}' "
-          "(about a minute on 2 CPU cores)", file=view_stream, flush=True)
-    if not port_is_free(server.port):
-        raise StageFailed(stage, f"port {server.port} on {HOST} is in use, so the judge server cannot start there; "
-                                 f"pass --judge_port with a free port", None)
-    server.log_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        server.start()
-    except (RuntimeError, TimeoutError) as e:
-        raise StageFailed(stage, f"the judge server did not start: {str(e).splitlines()[0]}", server.log_path) from None
-    print(f"    judge server ready at {server.base_url} after {server.startup_seconds:.0f} s", file=view_stream, flush=True)
-
-
-class ServerSlot:
-    """The one server the pipeline keeps running: a stage that needs the same server as the stage
-    before it finds it up (no second minute of start-up); any other stage stops it first, so the
-    training stages get the CPU and memory to themselves."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.running: VLLMServer | None = None
-
-    def prepare(self, stage: Stage) -> None:
-        if self.running is not None and (self.running is not stage.server or self.running.proc.poll() is not None):
-            self.stop()
-        if stage.server is not None and self.running is None:
-            start_server(stage, self.stream)
-            self.running = stage.server
-        elif stage.server is not None:
-            print(f"    judge server still up at {stage.server.base_url}", file=self.stream, flush=True)
-
-    def stop(self) -> None:
-        if self.running is not None:
-            with interrupts_deferred():
-                self.running.stop()
-            self.running = None
-
-
-# --- the pipeline ---------------------------------------------------------------------------
-
-
-@dataclass
-class StageResult:
-    name: str
-    status: str  # ran | resumed | skipped | not run
-    seconds: float | None  # of the run that made the outputs (also for skipped stages)
-    log: Path | None
-
-
-def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, stream=None) -> list[StageResult]:
-    """Run (or skip) ``stages`` in order up to ``until``; raises ``StageFailed`` on the first failure."""
-    stream = stream or sys.stdout
-    last = [s.name for s in stages].index(until)
-    results: list[StageResult] = []
-    run_ids: dict[str, str] = {}
-    servers = ServerSlot(stream)
-    try:
-        for i, stage in enumerate(stages):
-            log = out / "logs" / f"{stage.name}.log"
-            if i > last:
-                results.append(StageResult(stage.name, "not run", None, None))
-                continue
-            fp = fingerprint(stage, dict(run_ids))
-            marker = read_marker(out, stage.name)
-            state = stage_state(stage, marker, fp, stage.name in force)
-            banner = f"[{i + 1}/{len(stages)}] {stage.name}: {stage.title}"
-            if state == "done":
-                print(f"\n=== {banner}: done earlier ({marker['seconds']:.1f} s), skipped "
-                      f"(--force {stage.name} redoes it)", file=stream, flush=True)
-                run_ids[stage.name] = marker["run_id"]
-                results.append(StageResult(stage.name, "skipped", marker["seconds"], log))
-                continue
-
-            print(f"\n=== {banner} " + "=" * max(3, 96 - len(banner)), file=stream)
-            missing = [str(p.relative_to(ROOT)) for p in stage.requires if not p.exists()]
-            if missing:
-                before = f"; `--until {stages[i - 1].name}` runs the stages before it" if i else ""
-                raise StageFailed(stage, f"{', '.join(missing)} not found in this checkout{before}", None)
-            if state == "fresh":
-                remove_outputs(stage)
-            else:
-                print("    resuming an interrupted run of the same command (its outputs are kept)", file=stream)
-            run_id = uuid.uuid4().hex
-            write_marker(out, stage.name, {"stage": stage.name, "status": "running", "run_id": run_id, "fingerprint": fp})
-            t0 = time.monotonic()
-            servers.prepare(stage)
-            print(f"$ {stage.shell_command()}", file=stream)
-            print(f"    log: {log}", file=stream, flush=True)
-            code = run_command(stage.command, log, ProgressView(stream), append=state == "resume", env=stage.env)
-            server_exit = stage.server.proc.poll() if stage.server is not None and stage.server.proc else None
-            seconds = time.monotonic() - t0
-            if code != 0:
-                reason = f"exit status {code}"
-                if code == 3:  # self_ref.generate / self_ref.label: some rows failed for good, the rest are written
-                    reason += " (some rows failed for good; rerun the demo: the stage resumes and retries just those)"
-                if server_exit is not None:
-                    reason += f"; the judge server exited (code {server_exit}) during the stage: see {stage.server.log_path}"
-                raise StageFailed(stage, reason, log)
-            write_marker(out, stage.name, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
-                                           "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-            run_ids[stage.name] = run_id
-            print(f"    {stage.name} done in {seconds:.1f} s", file=stream, flush=True)
-            results.append(StageResult(stage.name, "resumed" if state == "resume" else "ran", seconds, log))
-    finally:
-        servers.stop()
-    return results
 
 
 # --- the summary ----------------------------------------------------------------------------
@@ -758,18 +400,6 @@ def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_
 # --- entry point ----------------------------------------------------------------------------
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: process groups stopped, judge server too
-
-
-def install_interrupt_handlers() -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt, whatever the demo inherited: a shell starts a
-    background job (``make demo &``, CI runners) with SIGINT ignored, and Python then installs no
-    handler of its own, so ``kill -INT`` would do nothing."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DemoConfig, argv)
     out = from_root(cfg.out)
@@ -782,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
           f"--until {cfg.until}, --algo {cfg.algo})")
     t0 = time.monotonic()
     try:
-        results = run_pipeline(stages, out, parse_stage_list(cfg.force), cfg.until)
+        results = run_pipeline(stages, out, parse_stage_list(cfg.force), cfg.until, cwd=ROOT)
     except StageFailed as e:
         print(f"\nerror: stage '{e.stage.name}' failed: {e.reason}", file=sys.stderr)
         print(f"  command: {e.stage.shell_command()}", file=sys.stderr)

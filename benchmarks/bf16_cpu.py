@@ -4,7 +4,7 @@ One run measures, side by side (fp32 first, then bf16, same inputs):
 
 * ``matmul``:  the 2048 x 576 x 1536 matmul (SmolLM2's MLP up-projection on 2048 tokens), GFLOP/s,
                and its relative error against fp64. It tells at once whether the CPU has native bf16.
-* ``vllm``:    the rollout engine (``rl.rollout.VLLMEngine``, so ``models.vllm_cpu``'s CPU settings;
+* ``vllm``:    the rollout engine (``rl.rollout.VLLMEngine``, so ``serving.vllm_settings``'s CPU settings;
                ``self_ref.generate`` and the judge server use the same) with ``dtype`` float32 and
                bfloat16, each in its own process: start-up, greedy generation of a batch
                (``vllm_prompts`` prompts x ``vllm_new_tokens``, EOS ignored so both engines do the
@@ -44,8 +44,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from serving.vllm_settings import cpu_engine_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -59,14 +61,14 @@ class Bf16CpuConfig:
     model: str = str(ROOT / "out" / "models" / "smollm2")  # HF causal LM folder (fp32)
     prompts: str = str(ROOT / "models" / "assets" / "tiny_prompts.jsonl")
     corpus: str = str(ROOT / "models" / "assets" / "tiny_chat_corpus.jsonl")
-    stages: str = ",".join(STAGES)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
     threads: int = 2
     seed: int = 0
-    matmul_shape: str = "2048,576,1536"  # M,K,N
+    matmul_shape: list[int] = field(default_factory=lambda: [2048, 576, 1536])  # M,K,N
     vllm_prompts: int = 32
     vllm_new_tokens: int = 64
     vllm_single_new_tokens: int = 64
-    vllm_sweep: str = "2,4,8,16"  # more batch sizes (tokens/s only), to find the crossover
+    vllm_sweep: list[int] = field(default_factory=lambda: [2, 4, 8, 16])  # more batch sizes (tokens/s only), to find the crossover
     vllm_sweep_tokens: int = 32
     vllm_threads: int = 0  # 0: vLLM's own choice, as the rollout engines run (1 thread "for serving" on 2 cores)
     vllm_timeout: int = 1800  # seconds per engine process
@@ -84,15 +86,15 @@ class Bf16CpuConfig:
     tol_loss_rel: float = 0.02  # |delta loss| at any step / the fp32 step-0 loss (the curves track)
     output: str = str(RESULTS / "bf16_cpu.json")
 
-    @property
-    def stage_list(self) -> list[str]:
-        stages = [s.strip() for s in self.stages.split(",") if s.strip()]
-        bad = [s for s in stages if s not in STAGES]
-        if bad:
-            from training.config import ConfigError
+    def __post_init__(self):
+        from training.config import ConfigError, check_fields
 
+        check_fields(self)  # list fields given in code as "a,b" become lists
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
             raise ConfigError(f"--stages: unknown {', '.join(bad)}; choose from {', '.join(STAGES)}")
-        return stages
+        if len(self.matmul_shape) != 3:
+            raise ConfigError(f"--matmul_shape: three sizes M,K,N, got {len(self.matmul_shape)}")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -185,7 +187,7 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
 def stage_matmul(cfg: Bf16CpuConfig) -> dict:
     import torch
 
-    m, k, n = (int(x) for x in cfg.matmul_shape.split(","))
+    m, k, n = cfg.matmul_shape
     g = torch.Generator().manual_seed(cfg.seed)
     a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
     exact = a.double() @ b.double()
@@ -269,12 +271,11 @@ def run_vllm_engine(cfg: Bf16CpuConfig, workdir: Path, dtype: str, prompts, scor
     spec = {"model": cfg.model, "dtype": dtype, "prompts": prompts, "new_tokens": cfg.vllm_new_tokens,
             "single_new_tokens": cfg.vllm_single_new_tokens, "prompt_max_len": max(map(len, prompts)) + 1,
             "seed": cfg.seed + 1, "sample": sample, "score": score or {}, "out": str(workdir / f"vllm_{dtype}.json"),
-            "sweep": [int(x) for x in cfg.vllm_sweep.split(",") if x.strip()], "sweep_tokens": cfg.vllm_sweep_tokens}
+            "sweep": list(cfg.vllm_sweep), "sweep_tokens": cfg.vllm_sweep_tokens}
     spec_path = workdir / f"vllm_{dtype}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | cpu_engine_env() | {
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
     }
     if cfg.vllm_threads > 0:  # vLLM keeps OMP_NUM_THREADS threads; 2 threads on 2 busy cores spin-wait badly
@@ -614,7 +615,7 @@ def main(argv=None) -> dict:
     from training.config import parse_config
 
     cfg = parse_config(Bf16CpuConfig, argv)
-    stages = cfg.stage_list
+    stages = cfg.stages
     import torch
     from transformers import AutoTokenizer
 

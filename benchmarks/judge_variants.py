@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = None
     base_url = cfg.base_url
     if cfg.serve:
-        from self_ref.server import VLLMServer
+        from serving.openai_server import VLLMServer
 
         server = VLLMServer(cfg.serve, port=cfg.serve_port or None, served_model_name=cfg.model).start()
         base_url = server.base_url

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from models.tiny import TinyModelConfig, build_tiny_model
 from self_ref.label import main as label_main
-from self_ref.server import VLLMServer
+from serving.openai_server import VLLMServer
 from training.config import parse_config
 
 RESULTS = Path(__file__).parent / "results"

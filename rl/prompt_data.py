@@ -13,8 +13,7 @@ from functools import partial
 
 from rlhf_data import validate_prompt
 from rlhf_data.mixing import train_eval_rows
-from rlhf_data.tokenize import render_prompt_ids
-from rl.rollout import truncate_prompt
+from rlhf_data.tokenize import render_prompt_ids, truncate_prompt
 from training.config import ConfigError
 
 

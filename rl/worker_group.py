@@ -20,10 +20,11 @@ leads to the worker's with go-to-definition, and a method the group's class lack
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+from serving.ports import free_port
 
 
 def _ray():
@@ -84,9 +85,7 @@ class DistributedWorker:
         """(host, free port) of this worker: rank 0's answer is the group's MASTER_ADDR/PORT."""
         ray = _ray()
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return host, s.getsockname()[1]
+        return host, free_port("")  # a port free on every interface: the other ranks connect to host
 
     def join(self, rank: int, world_size: int, master_addr: str, master_port: int) -> int:
         """Set torchrun's variables and initialise the process group (collective over the group).

@@ -649,7 +649,7 @@ def judge_items(cfg, settings: JudgeSettings, prompts: JudgePrompts, items: list
         base_url, model = cfg.base_url, cfg.model
         try:
             if cfg.judge:
-                from self_ref.server import VLLMServer
+                from serving.openai_server import VLLMServer
 
                 print(f"[compare] starting the judge server on {cfg.judge} (log {out_dir / 'judge_server.log'})", flush=True)
                 server = VLLMServer(cfg.judge, port=cfg.judge_port or None, log_path=out_dir / "judge_server.log",

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = None
     base_url = cfg.base_url
     if cfg.serve:
-        from self_ref.server import VLLMServer
+        from serving.openai_server import VLLMServer
 
         output = Path(cfg.output)
         output.parent.mkdir(parents=True, exist_ok=True)

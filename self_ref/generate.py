@@ -16,16 +16,15 @@ Backends:
 * ``vllm`` (default): an offline ``vllm.LLM`` on ``--pretrain``. Prompts are rendered with the
   tokenizer's chat template (generation prompt added) and submitted together, ``n=2`` samples
   each, with a per-prompt seed derived from ``--seed`` and the row id (a resumed run samples what
-  a full run would have). Rows are written as their requests finish. On a machine without CUDA:
-  float32, eager mode, ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``VLLM_CPU_KVCACHE_SPACE=1`` unless
-  already set.
+  a full run would have). Rows are written as their requests finish. The engine takes this
+  machine's settings from ``serving.vllm_settings`` (on CPU: float32, eager, whole-prompt prefills).
 * ``openai``: the same through an OpenAI-compatible server (``/v1/chat/completions`` with
   ``n=2``; a server that ignores ``n`` gets one request per response), ``--concurrency`` requests
   in flight, retries with backoff on time-outs, dropped connections, 5xx / 429 and malformed
   bodies. The API key comes from the environment variable ``--api_key_env`` and is never logged.
 
 Prompts longer than ``--prompt_max_len`` tokens are left-truncated (the vllm backend keeps the
-last tokens; the openai backend, when a tokenizer is given with ``--pretrain``, drops the oldest
+last tokens and a leading BOS, ``rlhf_data.tokenize.truncate_prompt`` as the rollout engines do; the openai backend, when a tokenizer is given with ``--pretrain``, drops the oldest
 turns, then the start of the first kept turn) and counted. A blank response (empty or whitespace,
 which the labeller rejects) is resampled up to ``--max_resample`` times; a prompt that still lacks
 two non-blank responses, or whose requests fail for good, is not written: it is counted, and the
@@ -39,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 import zlib
@@ -49,11 +47,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from models.vllm_cpu import cpu_dtype, cpu_scheduler_kwargs
+from rlhf_data import load_rows, validate_prompt
+from rlhf_data.tokenize import render_prompt_ids, truncate_prompt
 from self_ref.client import OpenAIClient, RequestFailed
 from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
-from rlhf_data import load_rows, validate_prompt
-from rlhf_data.tokenize import render_prompt_ids
+from serving.vllm_settings import cuda_available, offline_engine_kwargs, set_cpu_engine_env
 from training.cli import run_cli
 from training.config import ConfigError, check_fields, parse_config
 from training.progress import progress_bar
@@ -83,7 +81,7 @@ class GenerateConfig:
     # vllm backend
     max_model_len: int | None = field(default=None, metadata={"help": "vLLM context (default: prompt_max_len + max_new_tokens)", "check": ">= 2"})
     dtype: str = field(default="auto", metadata={"help": "vLLM dtype: auto (the model's with CUDA; float32 without, where "
-                                                        "bfloat16 runs but was measured slower: models/vllm_cpu.py) | float32 | bfloat16",
+                                                        "bfloat16 runs but was measured slower: serving/vllm_settings.py) | float32 | bfloat16",
                                                 "check": ("auto", "float32", "bfloat16", "float16")})
     enforce_eager: bool | None = field(default=None, metadata={"help": "no CUDA graphs / compilation (default: on without CUDA)"})
     tensor_parallel_size: int = field(default=1, metadata={"check": ">= 1"})
@@ -186,15 +184,6 @@ class Results:
 # --- vllm backend ------------------------------------------------------------------------------
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
@@ -218,31 +207,22 @@ def vllm_lengths(cfg: GenerateConfig) -> tuple[int, int]:
 
 
 def render_truncated(tokenizer, message: list[dict], prompt_budget: int) -> tuple[list[int], bool]:
-    """The chat-templated prompt ids, left-truncated to ``prompt_budget``; True when cut."""
-    ids = render_prompt_ids(tokenizer, message)
-    if len(ids) > prompt_budget:
-        return ids[-prompt_budget:], True  # left truncation: keep the end of the prompt and the generation prompt
-    return ids, False
+    """The chat-templated prompt ids, left-truncated to ``prompt_budget`` as every sampler here
+    truncates (the end of the prompt and its generation prompt kept, and a leading BOS); True when cut."""
+    return truncate_prompt(render_prompt_ids(tokenizer, message), prompt_budget, tokenizer.bos_token_id)
 
 
 def make_vllm_engine(cfg: GenerateConfig, max_model_len: int):
     """An offline ``vllm.LLM`` on ``cfg.pretrain`` with this machine's settings (see the module doc)."""
-    cuda = _cuda_available()
+    cuda = cuda_available()
     if not cuda:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fast start
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizing fails on small machines
+        set_cpu_engine_env()  # before vLLM is imported: it reads them once
     from vllm import LLM
 
-    return LLM(
-        model=cfg.pretrain,
-        dtype=cfg.dtype if cuda else cpu_dtype(cfg.dtype),  # CPU: float32 unless asked (models.vllm_cpu)
-        enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not cuda,
-        seed=cfg.seed,
-        max_model_len=max_model_len,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        **({} if cuda else cpu_scheduler_kwargs(max_model_len)),  # seeded sampling on CPU: see models.vllm_cpu
-    )
+    return LLM(**offline_engine_kwargs(
+        cfg.pretrain, max_model_len=max_model_len, cuda=cuda, dtype=cfg.dtype, seed=cfg.seed,
+        enforce_eager=cfg.enforce_eager, tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization))
 
 
 def run_vllm(cfg: GenerateConfig, jobs: list[Job], results: Results) -> None:

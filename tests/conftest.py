@@ -38,6 +38,10 @@ SMOLLM2_DIR = ROOT / "out" / "models" / "smollm2"
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
+    from filelock import FileLock
+
     from models.packaged import convert_gguf, packaged_gguf
 
-    return convert_gguf(packaged_gguf("smollm2"), SMOLLM2_DIR)
+    SMOLLM2_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{SMOLLM2_DIR}.lock"):  # one converter at a time (pytest -n, a demo running alongside)
+        return convert_gguf(packaged_gguf("smollm2"), SMOLLM2_DIR)

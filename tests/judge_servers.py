@@ -26,7 +26,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from self_ref.server import HOST, VLLMServer, free_port, start_vllm_server  # noqa: F401
+from serving.openai_server import HOST, VLLMServer, start_vllm_server  # noqa: F401
+from serving.ports import free_port  # noqa: F401
 
 
 # One server per test process, whichever module's fixture asks first.

@@ -105,13 +105,13 @@ def test_cpu_defaults_are_fp32_and_bf16_is_available(tiny_model_dir, tmp_path, m
     """The defaults follow benchmarks/results/bf16_cpu.json (bf16 slower at every batched stage on
     this AVX2 CPU); asking for bf16 gets it, everywhere."""
     import models.fsdp
-    from models.vllm_cpu import cpu_dtype
+    from serving.vllm_settings import engine_dtype
     from rl.config import RLConfig
-    from self_ref.server import VLLMServer
+    from serving.openai_server import VLLMServer
     from training.config import DistributedArgs
 
     assert DistributedArgs().bf16 is False and RLConfig.__dataclass_fields__["bf16"].default is False
-    assert cpu_dtype() == "float32" and cpu_dtype("bfloat16") == "bfloat16"
+    assert engine_dtype() == "float32" and engine_dtype("bfloat16") == "bfloat16"
 
     def dtype_arg(server):
         cmd = server.command()

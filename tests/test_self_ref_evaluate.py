@@ -133,7 +133,7 @@ def _no_split(tmp_path: Path) -> str:
 
 
 def test_unreachable_judge_is_one_clear_error(tmp_path):
-    from self_ref.server import free_port
+    from serving.ports import free_port
 
     with pytest.raises(ConfigError, match="cannot reach the judge"):
         evaluate_main(["--base_url", f"http://127.0.0.1:{free_port()}/v1", "--limit", "1", "--max_retries", "0",

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from models.distributed import free_port
+from serving.ports import free_port
 from training.metrics_logger import read_metrics
 
 

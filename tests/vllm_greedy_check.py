@@ -1,11 +1,11 @@
-"""Run by test_tiny_model.py in its own process: greedy continuations from vLLM (CPU) and HF."""
+"""Run by test_packaged_model.py in its own process: greedy continuations from vLLM (CPU) and HF."""
 
 import json
-import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fast start
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default sizing fails on small machines
+from serving.vllm_settings import set_cpu_engine_env
+
+set_cpu_engine_env()  # before vLLM is imported
 
 if __name__ == "__main__":
     model_dir, out = sys.argv[1], sys.argv[2]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from models.vllm_cpu import cpu_dtype, cpu_server_args
-
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from serving.ports import HOST, free_port
+from serving.vllm_settings import cpu_engine_env, cpu_server_args, engine_dtype
 
 
 def _tail(path: Path, chars: int = 6000) -> str:
@@ -97,9 +89,9 @@ class VLLMServer:
                  startup_timeout: float = 240.0, extra_args: list[str] | None = None,
                  extra_env: dict[str, str] | None = None, dtype: str = "auto"):
         self.model_dir = str(model_dir)
-        # "auto": float32, the CPU rule of models.vllm_cpu (bfloat16 measured slower there); this
-        # launcher serves CPU judges (GPU judges are usually lmdeploy: see README)
-        self.dtype = cpu_dtype(dtype)
+        # "auto": float32, the CPU rule of serving.vllm_settings (bfloat16 measured slower there);
+        # this launcher serves CPU judges (GPU judges are usually lmdeploy: see docs/self_ref.md)
+        self.dtype = engine_dtype(dtype)
         self.port = port or free_port()
         self.model = served_model_name
         self.base_url = f"http://{HOST}:{self.port}/v1"
@@ -122,7 +114,7 @@ class VLLMServer:
             "--model", self.model_dir, "--host", HOST, "--port", str(self.port),
             "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
             "--served-model-name", self.model, "--seed", "0",
-            *cpu_server_args(self.max_model_len),  # the judge's seeded retries: see models.vllm_cpu
+            *cpu_server_args(self.max_model_len),  # the judge's seeded retries: see serving.vllm_settings
             *self.extra_args,
         ]
 
@@ -130,7 +122,8 @@ class VLLMServer:
         if self.proc is not None:
             return self
         env = os.environ.copy()
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the default sizing fails on small machines
+        for key, value in cpu_engine_env(in_process=False).items():  # the server runs its own engine process
+            env.setdefault(key, value)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(self.extra_env)
         t0 = time.monotonic()
