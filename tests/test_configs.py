@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _config_classes():
     import demo
+    import train_dpo
     import train_rm_llama2
     import train_sft
     from benchmarks.bf16_cpu import Bf16CpuConfig
@@ -40,6 +41,7 @@ def _config_classes():
         # config class: (entry module file, the YAML prefixes it reads)
         train_sft.SFTConfig: ("train_sft.py", ("sft_",)),
         train_rm_llama2.RMConfig: ("train_rm_llama2.py", ("rm_",)),
+        train_dpo.DPOConfig: ("train_dpo.py", ("dpo_",)),
         RLConfig: ("fsdp_ppo_ray.py", ("ppo_", "remax_")),
         GenerateConfig: ("self_ref/generate.py", ("generate_",)),
         LabelConfig: ("self_ref/label.py", ("judge_small.yaml",)),

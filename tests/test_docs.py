@@ -17,6 +17,7 @@ DOCS = ROOT / "docs"
 ENTRY_POINTS = [
     ("train_sft", "SFTConfig", "docs/train_sft.md"),
     ("train_rm_llama2", "RMConfig", "docs/train_rm.md"),
+    ("train_dpo", "DPOConfig", "docs/train_dpo.md"),
     ("rl.config", "RLConfig", "docs/rl.md"),
     ("demo", "DemoConfig", "docs/demo.md"),
     ("self_ref.generate", "GenerateConfig", "docs/self_ref.md"),
