@@ -147,3 +147,59 @@ def test_two_process_fsdp_gives_the_single_process_curve(tiny_model_dir, prefs, 
     two_eval = [r for r in read_metrics(tmp_path / "two" / "log") if "eval_acc" in r][-1]
     for key in ("eval_loss", "eval_acc", "eval_reward_margin"):
         assert two_eval[key] == pytest.approx(one[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir, prefs, tmp_path, loss):
+    """The same 6 pairs (our tokens, TRL's collator), the same policy and reference: our packed
+    loss and every parameter's gradient equal TRL's ``DPOTrainer`` (fp32, 1e-5)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from models.actor import Actor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    keys = PreferenceKeys(margin_key="strength")
+    rows = [train_dpo.validate_dpo_pair(json.loads(line), keys, False) for line in prefs[0].read_text().splitlines()[:6]]
+    pairs = [tokenize_preference(tok, r, max_len=96) for r in rows]
+
+    def policy_and_reference():
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():  # a policy that has moved away from the reference: h != 0
+            for p in policy.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        return policy, reference
+
+    # ours: one packed micro-batch, the trainer's own functions
+    policy, reference = policy_and_reference()
+    cfg = train_dpo.DPOConfig.__new__(train_dpo.DPOConfig)  # the fields the loss reads, without path checks
+    cfg.loss, cfg.beta, cfg.label_smoothing = loss, 0.1, 0.0
+    db = train_dpo.DPOBatch(pairs, range(len(pairs)), True, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ref_lp = train_dpo.response_logps(Actor(reference), db, loss == "ipo")
+    ref = torch.stack([ref_lp[: len(pairs)], ref_lp[len(pairs):]], dim=1)
+    ours = train_dpo.pair_losses(Actor(policy), db, ref, cfg)[0].mean()
+    ours.backward()
+    our_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+    # TRL: its collator on the same token ids, its loss on a fresh copy of the same models
+    policy, reference = policy_and_reference()
+    examples = [{"prompt_ids": p.chosen[: p.chosen_prompt_len], "chosen_ids": p.chosen[p.chosen_prompt_len:],
+                 "rejected_ids": p.rejected[p.rejected_prompt_len:]} for p in pairs]
+    assert all(p.chosen[: p.chosen_prompt_len] == p.rejected[: p.rejected_prompt_len] for p in pairs)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss], report_to="none", use_cpu=True,
+                         precompute_ref_log_probs=False, bf16=False, fp16=False)
+    placeholder = Dataset.from_list([{"prompt": "Hi.", "chosen": " Hello.", "rejected": " Go."}])  # not trained on
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tok, train_dataset=placeholder)
+    inputs = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(examples)
+    theirs = trainer.compute_loss(trainer.model, inputs)
+    theirs.backward()
+
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5, rel=1e-5)
+    at_the_reference = math.log(2.0) if loss == "sigmoid" else (1 / (2 * 0.1)) ** 2  # h = 0
+    assert abs(ours.item() - at_the_reference) > 1e-3, ours.item()  # the policy has moved: h != 0
+    for name, p in trainer.model.named_parameters():
+        assert torch.allclose(our_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
