@@ -26,8 +26,9 @@ PROGRESS_EVERY_S = 15  # a child's progress line at most this often (a log read 
 class ProgressView:
     """The terminal's short view of a command's output: its ``[tag]`` lines and ``error:`` lines,
     nothing of the libraries' chatter. The children's ``[progress] ...`` lines
-    (``training.progress`` in line mode) are redrawn in place on a terminal, one under the other
-    otherwise; on a terminal, each bar's last state stays when another bar or line follows."""
+    (``training.progress`` in line mode) are printed one under the other in a log; on a terminal
+    a bar is redrawn in place (kept below any other line that comes), and its last state stays
+    when the next bar starts."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
