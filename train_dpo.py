@@ -114,6 +114,7 @@ class DPOBatch:
 def reference_logps(model, pairs, cfg: DPOConfig, env, pad_id: int, token_budget: int) -> torch.Tensor:
     """``(n, 2)`` reference log-probs (chosen, rejected) of every pair, each rank scoring its share
     of balanced micro-batches (the same count on every rank, as FSDP needs), then gathered."""
+    was_training = model.module.training  # the frozen --ref_on_the_fly copy stays in eval mode
     model.eval()
     plan = split_global_batch(list(range(len(pairs))), [p.num_tokens for p in pairs], env.world_size,
                               token_budget=token_budget)[env.rank]
@@ -127,7 +128,7 @@ def reference_logps(model, pairs, cfg: DPOConfig, env, pad_id: int, token_budget
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for i, c, r in (x for part in gathered for x in part):
         out[i, 0], out[i, 1] = c, r
-    model.train()
+    model.train(was_training)
     return out
 
 

@@ -5,7 +5,7 @@ started in its own process group, ``/health`` and ``/v1/models`` are polled unti
 it is stopped robustly: SIGTERM to the whole group, SIGKILL after a grace period (vLLM's engine
 process outlives its API server, and a SIGTERM during start-up can hang it). A watchdog process
 stops the group if the parent dies, even by SIGKILL. On GPU machines lmdeploy is the usual judge
-server (see README); this launcher serves any HF folder vLLM can load.
+server (see docs/gpu.md); this launcher serves any HF folder vLLM can load.
 """
 
 from __future__ import annotations
