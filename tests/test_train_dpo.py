@@ -17,7 +17,7 @@ from rlhf_data import PreferenceKeys
 from rlhf_data.errors import DataError
 from rlhf_data.tokenize import tokenize_preference
 from tests.synthetic_data import preference_rows, write_jsonl
-from tests.trainer_runs import base_args, losses, run_script
+from tests.trainer_runs import base_args, kill_after_checkpoint, losses, run_script
 from training.dpo_losses import dpo_loss, ipo_loss, sigmoid_dpo_loss
 from training.metrics_logger import read_metrics
 
@@ -203,3 +203,20 @@ def test_loss_and_gradients_equal_trls_dpo_trainer(tiny_model_dir, prefs, tmp_pa
     assert abs(ours.item() - at_the_reference) > 1e-3, ours.item()  # the policy has moved: h != 0
     for name, p in trainer.model.named_parameters():
         assert torch.allclose(our_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, prefs, tmp_path):
+    """kill -9 after step 4's checkpoint, then the same command: the resumed run recomputes the
+    reference log-probs from --pretrain before it loads the checkpoint, so its curve is the
+    uninterrupted one (a reference taken from the resumed weights would change every loss)."""
+    train, _ = prefs
+    common = dict(max_steps=10, save_steps=1, packing_samples=True, loss="strength")
+    train_dpo.main(base_args(tiny_model_dir, train, tmp_path / "full", **common))
+    args = base_args(tiny_model_dir, train, tmp_path / "killed", ckpt_path=tmp_path / "killed" / "ckpt", **common)
+    script = str(ROOT / "train_dpo.py")
+    kill_after_checkpoint(script, args, tmp_path / "killed" / "ckpt", step=4)
+    assert 4 <= len(losses(tmp_path / "killed")) < 10
+    proc = run_script(script, args)  # the same command resumes
+    assert "[reference]" in proc.stdout
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6, rel=0)
+    assert [r["step"] for r in read_metrics(tmp_path / "killed" / "log") if "loss" in r] == list(range(1, 11))
