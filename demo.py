@@ -53,7 +53,8 @@ from training.config import ConfigError, check_fields, parse_config
 
 ROOT = Path(__file__).resolve().parent
 STAGE_NAMES = ("model", "sft", "generate", "judge", "label", "rm", "rl", "compare")
-ALGOS = ("remax", "ppo")
+DPO_STAGE_NAMES = ("model", "sft", "generate", "judge", "label", "dpo", "compare")  # --algo dpo: no RM, no RL
+ALGOS = ("remax", "ppo", "dpo")
 PACKAGED_MODEL_DIR = ROOT / "out" / "models" / "smollm2"  # shared with the tests (tests/conftest.py)
 
 
@@ -113,8 +114,8 @@ class DemoConfig:
 
     model: str = field(default="smollm2", metadata={"help": f"base model: {', '.join(PROFILES)} (tiny: the 0.6M random model of the tests and CI)"})
     out: str = field(default="out/demo", metadata={"help": "folder for every artefact, log and stage marker", "path": "output"})
-    algo: str = field(default="remax", metadata={"help": "RL algorithm: remax or ppo"})
-    until: str = field(default="compare", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)}"})
+    algo: str = field(default="remax", metadata={"help": "remax or ppo (reward model + RL), or dpo (DPO on the labels, strength-aware)"})
+    until: str = field(default="compare", metadata={"help": f"last stage to run: {', '.join(STAGE_NAMES)} (--algo dpo: {', '.join(DPO_STAGE_NAMES)})"})
     force: list[str] = field(default_factory=list, metadata={"help": "stages to redo even if done: 'all' or stage names (later stages follow)"})
     prompts: str | None = field(default=None, metadata={"help": "training prompts jsonl (key message) for generation and RL (default: the model's shipped set)", "path": "data"})
     judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1", "check": "[1, 65535]"})
@@ -125,9 +126,10 @@ class DemoConfig:
             raise ConfigError(f"--model must be one of {', '.join(PROFILES)}, got {self.model!r}")
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
-        if self.until not in STAGE_NAMES:
-            raise ConfigError(f"--until must be one of {', '.join(STAGE_NAMES)}, got {self.until!r}")
-        parse_stage_list(self.force)  # fails early, naming the bad stage
+        names = stage_names(self.algo)
+        if self.until not in names:
+            raise ConfigError(f"--until must be one of {', '.join(names)}, got {self.until!r}")
+        parse_stage_list(self.force, self.algo)  # fails early, naming the bad stage
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise ConfigError(f"--prompts {self.prompts}: no such file")
         if not 1 <= self.judge_port <= 65535:
@@ -141,15 +143,19 @@ def from_root(path: str | Path) -> Path:
     return Path(os.path.relpath(resolved, ROOT)) if resolved.is_relative_to(ROOT) else resolved
 
 
-def parse_stage_list(names: list[str]) -> set[str]:
-    """``--force`` value -> stage names: none, ``["all"]``, or stage names."""
-    names = set(names)
+def stage_names(algo: str) -> tuple[str, ...]:
+    return DPO_STAGE_NAMES if algo == "dpo" else STAGE_NAMES
+
+
+def parse_stage_list(names: list[str], algo: str = "remax") -> set[str]:
+    """``--force`` value -> stage names: none, ``["all"]``, or stage names of ``algo``'s pipeline."""
+    known, names = stage_names(algo), set(names)
     if names == {"all"}:
-        return set(STAGE_NAMES)
-    unknown = sorted(names - set(STAGE_NAMES))
+        return set(known)
+    unknown = sorted(names - set(known))
     if unknown:
         raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages are "
-                          f"{', '.join(STAGE_NAMES)} (or all)")
+                          f"{', '.join(known)} (or all)")
     return names
 
 
@@ -192,6 +198,32 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     config_flags = ["--config", p.judge_config] if p.judge_config else []
     judge_config_flags = ["--judge_config", p.judge_config] if p.judge_config else []
     rl_config = f"configs/{cfg.algo}_{cfg.model}.yaml"
+    # RL: a reward model on the labels, then ReMax / PPO against it. DPO: the labels train the
+    # policy directly (strength-aware: each pair pulls as hard as the judge was sure).
+    rm_and_rl = [
+        # torchrun through this interpreter; --standalone picks a free rendezvous port (no clash
+        # with another torchrun on the default 29500). 25% of the pairs held out for accuracy.
+        Stage("rm", "reward model: FSDP on 2 processes, sample packing",
+              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_rm_llama2.py",
+               "--config", f"configs/rm_{cfg.model}.yaml", "--pretrain", str(a.sft), "--dataset", str(a.prefs),
+               "--save_path", str(a.rm), "--logging_path", str(logs / "rm"), "--packing_samples", "--eval_split", "0.25"],
+              [a.rm, logs / "rm"]),
+        Stage("rl", f"{cfg.algo} on Ray: actor, reference, reward{', critic' if cfg.algo == 'ppo' else ''}, vLLM engines",
+              [py, "fsdp_ppo_ray.py", "--config", rl_config, "--pretrain", str(a.sft), "--reward_pretrain", str(a.rm),
+               "--prompt_data", prompts, "--input_key", "message",
+               *(["--eval_prompt_data", p.eval_prompts] if p.eval_prompts != prompts else []),
+               "--save_path", str(a.policy), "--logging_path", str(logs / "rl"), "--ckpt_path", str(out / "ckpt" / "rl"),
+               *(["--advantage_estimator", "gae"] if cfg.algo == "ppo" else [])],
+              [a.policy, logs / "rl", out / "ckpt" / "rl"],
+              requires=[ROOT / "fsdp_ppo_ray.py", ROOT / rl_config]),
+    ]
+    dpo = [
+        Stage("dpo", "strength-aware DPO on the judge's labels: FSDP on 2 processes, sample packing",
+              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_dpo.py",
+               "--config", f"configs/dpo_{cfg.model}.yaml", "--pretrain", str(a.sft), "--dataset", str(a.prefs),
+               "--save_path", str(a.policy), "--logging_path", str(logs / "dpo"), "--packing_samples"],
+              [a.policy, logs / "dpo"], requires=[ROOT / "train_dpo.py"]),
+    ]
     return [
         base_stage,
         # One torch thread: with two, a CPU shared with anything else makes OpenMP's spinning
@@ -215,30 +247,17 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
               [py, "-m", "self_ref.label", *config_flags, "--input", str(a.pairs), "--output", str(a.prefs), *judge_flags,
                "--concurrency", "16"],
               [a.prefs, a.prefs.with_suffix(".rejects.jsonl")], resumable=True, server=judge),
-        # torchrun through this interpreter; --standalone picks a free rendezvous port (no clash
-        # with another torchrun on the default 29500). 25% of the pairs held out for accuracy.
-        Stage("rm", "reward model: FSDP on 2 processes, sample packing",
-              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_rm_llama2.py",
-               "--config", f"configs/rm_{cfg.model}.yaml", "--pretrain", str(a.sft), "--dataset", str(a.prefs),
-               "--save_path", str(a.rm), "--logging_path", str(logs / "rm"), "--packing_samples", "--eval_split", "0.25"],
-              [a.rm, logs / "rm"]),
-        Stage("rl", f"{cfg.algo} on Ray: actor, reference, reward{', critic' if cfg.algo == 'ppo' else ''}, vLLM engines",
-              [py, "fsdp_ppo_ray.py", "--config", rl_config, "--pretrain", str(a.sft), "--reward_pretrain", str(a.rm),
-               "--prompt_data", prompts, "--input_key", "message",
-               *(["--eval_prompt_data", p.eval_prompts] if p.eval_prompts != prompts else []),
-               "--save_path", str(a.policy), "--logging_path", str(logs / "rl"), "--ckpt_path", str(out / "ckpt" / "rl"),
-               *(["--advantage_estimator", "gae"] if cfg.algo == "ppo" else [])],
-              [a.policy, logs / "rl", out / "ckpt" / "rl"],
-              requires=[ROOT / "fsdp_ppo_ray.py", ROOT / rl_config]),
+        *(dpo if cfg.algo == "dpo" else rm_and_rl),
         # The measure RL cannot game: the judge compares the RL policy's greedy answers with the
         # SFT policy's on held-out prompts, both orders; plus each side's RM reward and length.
         # The command starts its own judge server (--judge) once both sides are generated: an idle
         # vLLM CPU server spins on a core, which generation needs.
-        Stage("compare", "the judge compares the RL policy with the SFT policy on held-out prompts",
+        Stage("compare", f"the judge compares the {'DPO' if cfg.algo == 'dpo' else 'RL'} policy with the SFT policy on held-out prompts",
               [py, "-m", "self_ref.compare_policies", "--policy_a", str(a.policy), "--name_a", cfg.algo,
                "--policy_b", str(a.sft), "--name_b", "sft", "--prompts", p.eval_prompts,
                *(["--limit", str(p.compare_limit)] if p.compare_limit > 0 else []),
-               "--max_new_tokens", str(p.compare_max_new_tokens), "--reward_model", str(a.rm),
+               "--max_new_tokens", str(p.compare_max_new_tokens),
+               *(["--reward_model", str(a.rm)] if cfg.algo != "dpo" else []),
                "--output", str(a.compare), *judge_config_flags, *p.label_args,
                "--judge", str(judge_model), "--judge_port", str(cfg.judge_port),
                "--judge_max_model_len", str(p.judge_max_model_len)],
@@ -280,6 +299,16 @@ def rm_facts(rm_logs: Path) -> list[tuple[str, str]]:
     rewards = rm_logs / "eval_rewards.json"
     n = f" on {len(json.loads(rewards.read_text()))} held-out pairs" if rewards.exists() else ""
     return [("RM eval accuracy", f"{evals[-1]['eval_acc']:.3f}{n} (step {evals[-1]['step']})")]
+
+
+def dpo_facts(dpo_logs: Path) -> list[tuple[str, str]]:
+    metrics = dpo_logs / "metrics.jsonl"
+    evals = [r for r in read_jsonl(metrics) if "eval_acc" in r] if metrics.exists() else []
+    if not evals:
+        return [("DPO eval accuracy", f"missing: no row with 'eval_acc' in {metrics}")]
+    last = evals[-1]
+    return [("DPO eval accuracy", f"{last['eval_acc']:.3f}, reward margin {last['eval_reward_margin']:.4f} "
+                                  f"on held-out pairs (step {last['step']})")]
 
 
 def rl_facts(rl_logs: Path) -> list[tuple[str, str]]:
@@ -360,7 +389,7 @@ NOTES = {
     "tiny": ["The judge is the 0.6M-parameter tiny model (random weights, seconds of SFT): its verdicts, and so",
              "the preferences, the reward model and the RL reward, carry no meaning. This run shows that every",
              "stage works and how they connect, not alignment; `python demo.py` runs the real model."],
-    "smollm2": ["Judge: SmolLM2-135M-Instruct as shipped (a 4-bit 135M model); policy: the same model after SFT and RL.",
+    "smollm2": ["Judge: SmolLM2-135M-Instruct as shipped (a 4-bit 135M model); policy: the same model after SFT and RL (or DPO).",
                 "Judge figures are on the shipped truth set; the win rate is judged on held-out prompts, both orders."],
 }
 
@@ -369,7 +398,7 @@ def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_
     a = Artefacts(out)
     artefacts = {"model": out / "tiny" if cfg.model == "tiny" else from_root(PACKAGED_MODEL_DIR), "sft": a.sft,
                  "generate": a.pairs, "judge": a.judge_eval, "label": a.prefs, "rm": a.rm, "rl": a.policy,
-                 "compare": a.compare}
+                 "dpo": a.policy, "compare": a.compare}
     lines = ["", "=== summary " + "=" * 88, f"{'stage':<10}{'status':<10}{'seconds':>9}  artefact", "-" * 100]
     for r in results:
         seconds = f"{r.seconds:.1f}" if r.seconds is not None else "-"
@@ -381,8 +410,11 @@ def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_
     facts = [("model, algorithm", f"{cfg.model}, {cfg.algo}")]
     facts += judge_facts(a.judge_eval) if "judge" in covered else [("judge accuracy", "- (judge not run)")]
     facts += label_facts(a.prefs) if "label" in covered else [("pairs labelled", "- (label not run)")]
-    facts += rm_facts(a.logs / "rm") if "rm" in covered else [("RM eval accuracy", "- (rm not run)")]
-    facts += rl_facts(a.logs / "rl") if "rl" in covered else [("reward before -> after RL", "- (rl not run)")]
+    if cfg.algo == "dpo":
+        facts += dpo_facts(a.logs / "dpo") if "dpo" in covered else [("DPO eval accuracy", "- (dpo not run)")]
+    else:
+        facts += rm_facts(a.logs / "rm") if "rm" in covered else [("RM eval accuracy", "- (rm not run)")]
+        facts += rl_facts(a.logs / "rl") if "rl" in covered else [("reward before -> after RL", "- (rl not run)")]
     examples = []
     if "compare" in covered:
         more, examples = compare_facts(a.compare / "summary.json")
@@ -412,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
           f"--until {cfg.until}, --algo {cfg.algo})")
     t0 = time.monotonic()
     try:
-        results = run_pipeline(stages, out, parse_stage_list(cfg.force), cfg.until, cwd=ROOT)
+        results = run_pipeline(stages, out, parse_stage_list(cfg.force, cfg.algo), cfg.until, cwd=ROOT)
     except StageFailed as e:
         print(f"\nerror: stage '{e.stage.name}' failed: {e.reason}", file=sys.stderr)
         print(f"  command: {e.stage.shell_command()}", file=sys.stderr)

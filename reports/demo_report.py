@@ -3,7 +3,7 @@
     python -m reports.demo_report out/demo        # (demo.py writes it after every run)
 
 Reads what the stages left under ``OUT`` (any of them may be missing: its section says so):
-``logs/{sft,rm,rl}/metrics.jsonl``, ``judge_eval.json`` (``self_ref.evaluate``),
+``logs/{sft,rm,rl}/metrics.jsonl`` (``logs/dpo`` in place of rm and rl after ``--algo dpo``), ``judge_eval.json`` (``self_ref.evaluate``),
 ``compare/summary.json`` (``self_ref.compare_policies``) and ``summary.txt`` (the demo's summary).
 Writes ``report.md`` and ``report/*.png`` beside it.
 """
@@ -21,6 +21,11 @@ SFT_PANELS = [Panel("SFT loss", (("loss", "train"), ("eval_loss", "eval")), "cro
 RM_PANELS = [
     Panel("RM loss", (("loss", "train"), ("eval_loss", "eval")), "loss"),
     Panel("RM accuracy (chosen > rejected)", (("acc", "train"), ("eval_acc", "held-out")), "accuracy"),
+]
+DPO_PANELS = [
+    Panel("DPO loss", (("loss", "train"), ("eval_loss", "held-out")), "loss"),
+    Panel("DPO accuracy (implicit reward chosen > rejected)", (("acc", "train"), ("eval_acc", "held-out")), "accuracy"),
+    Panel("implicit reward margin", (("reward_margin", "train"), ("eval_reward_margin", "held-out")), "beta x log-ratio"),
 ]
 RL_PANELS = [
     Panel("reward", (("reward_mean", "rollouts (sampled)"), ("baseline_reward_mean", "greedy baseline"),
@@ -111,8 +116,9 @@ def write_report(out: str | Path) -> Path:
         md += ["## Summary", "", "```", summary.read_text().rstrip(), "```", ""]
     md += judge_section(out, figures)
     md += ["## Training curves", ""]
-    for name, panels, title in (("sft", SFT_PANELS, "SFT"), ("rm", RM_PANELS, "reward model"),
-                                ("rl", RL_PANELS, "RL")):
+    after_sft = ((("dpo", DPO_PANELS, "DPO"),) if (out / "logs" / "dpo").is_dir()  # demo.py --algo dpo
+                 else (("rm", RM_PANELS, "reward model"), ("rl", RL_PANELS, "RL")))
+    for name, panels, title in (("sft", SFT_PANELS, "SFT"), *after_sft):
         rows = read_jsonl(out / "logs" / name / "metrics.jsonl")
         png = plot_metrics(rows, panels, figures / f"{name}.png", title) if rows else None
         md.append(f"### {title}")

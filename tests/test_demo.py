@@ -28,7 +28,9 @@ def test_force_accepts_all_names_and_nothing():
     (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are model, sft, generate, judge, label, rm, rl, compare (or all)"),
     (["--force", "all,rm"], "unknown stage(s) all"),
     (["--until", "ppo"], "--until must be one of model, sft, generate, judge, label, rm, rl, compare, got 'ppo'"),
-    (["--algo", "dpo"], "--algo must be one of remax, ppo, got 'dpo'"),
+    (["--algo", "grpo"], "--algo must be one of remax, ppo, dpo, got 'grpo'"),
+    (["--algo", "dpo", "--until", "rm"], "--until must be one of model, sft, generate, judge, label, dpo, compare, got 'rm'"),
+    (["--algo", "dpo", "--force", "rl"], "--force: unknown stage(s) rl; stages are model, sft, generate, judge, label, dpo, compare"),
     (["--prompts", "no/such/prompts.jsonl"], "--prompts no/such/prompts.jsonl: no such file"),
     (["--model", "gpt2"], "--model must be one of smollm2, tiny, got 'gpt2'"),
 ])
@@ -135,6 +137,33 @@ def test_summary_reads_the_artefacts(tmp_path):
     assert "- (label not run)" in table and "- (rm not run)" in table and "- (rl not run)" in table
 
 
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_algo_dpo_trains_the_policy_on_the_labels_in_place_of_rm_and_rl(tmp_path, model):
+    stages = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", "dpo"]), tmp_path)}
+    assert list(stages) == list(demo.DPO_STAGE_NAMES)
+    dpo = stages["dpo"].command
+    assert "train_dpo.py" in dpo and dpo[dpo.index("train_dpo.py") + 1:dpo.index("train_dpo.py") + 3] == ["--config", f"configs/dpo_{model}.yaml"]
+    assert (demo.ROOT / f"configs/dpo_{model}.yaml").is_file()
+    for flag, value in [("--pretrain", tmp_path / "sft"), ("--dataset", tmp_path / "prefs.jsonl"),
+                        ("--save_path", tmp_path / "policy"), ("--logging_path", tmp_path / "logs" / "dpo")]:
+        assert dpo[dpo.index(flag) + 1] == str(value)
+    compare = stages["compare"].command
+    assert compare[compare.index("--policy_a") + 1] == str(tmp_path / "policy") and "--reward_model" not in compare
+    assert compare[compare.index("--name_a") + 1] == "dpo"
+
+
+def test_the_summary_of_a_dpo_run(tmp_path):
+    (tmp_path / "logs" / "dpo").mkdir(parents=True)
+    (tmp_path / "logs" / "dpo" / "metrics.jsonl").write_text(
+        json.dumps({"step": 4, "loss": 0.6}) + "\n" + json.dumps({"step": 4, "eval_acc": 0.6364, "eval_reward_margin": 0.0139}) + "\n")
+    cfg = parse_config(DemoConfig, ["--model", "tiny", "--algo", "dpo"])
+    results = [demo.StageResult(n, "ran" if n in ("model", "sft", "dpo") else "not run", 1.0, None) for n in demo.DPO_STAGE_NAMES]
+    table = demo.summary_table(results, tmp_path, cfg, 3.0)
+    assert "DPO eval accuracy" in table and "0.636, reward margin 0.0139 on held-out pairs (step 4)" in table
+    assert "RM eval accuracy" not in table and "reward before -> after RL" not in table
+    assert "model, algorithm" in table and "tiny, dpo" in table
+
+
 def test_the_tiny_sft_stage_runs_with_one_torch_thread(tmp_path):
     sft = next(s for s in demo.build_stages(parse_config(DemoConfig, ["--model", "tiny"]), tmp_path) if s.name == "sft")
     assert sft.env == {"OMP_NUM_THREADS": "1"} and sft.shell_command().startswith(f"OMP_NUM_THREADS=1 {PY} train_sft.py")
@@ -177,3 +206,14 @@ def test_report_plots_what_the_metrics_files_hold(tmp_path):
     assert "| self_reference | 0.700 [0.550, 0.820] (n=42) |" in text
     assert "judge (self_reference)  accuracy 0.70" in text
     assert "**Prompt:** What is 2+2?" in text and "- *remax*: 4." in text and "- *sft*: Four, I think." in text
+
+
+def test_report_after_dpo_plots_dpo_in_place_of_rm_and_rl(tmp_path):
+    from reports.demo_report import write_report
+
+    (tmp_path / "logs" / "dpo").mkdir(parents=True)
+    (tmp_path / "logs" / "dpo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.7 - s / 100, "acc": s / 5, "reward_margin": s / 50}) + "\n" for s in range(1, 5)))
+    text = write_report(tmp_path).read_text()
+    assert "](report/dpo.png)" in text and (tmp_path / "report" / "dpo.png").is_file()
+    assert "### reward model" not in text and "### RL" not in text
