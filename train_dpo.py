@@ -32,17 +32,16 @@ from models.actor import Actor
 from models.distributed import init_distributed, is_rank0
 from models.packing import PackedBatch
 from rlhf_data import PreferenceKeys, validate_preference
-from rlhf_data.collate import collate_pairs, layout_mask, response_mask
+from rlhf_data.collate import layout_mask, make_batch, response_mask
 from rlhf_data.errors import DataError
-from rlhf_data.mixing import train_eval_rows
-from rlhf_data.tokenize import tokenize_preference, tokenize_train_eval
-from training.batches import check_fills_a_batch, split_global_batch
+from training.batches import split_global_batch
 from training.cli import run_cli
 from training.config import (
     CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
     parse_config,
 )
 from training.dpo_losses import DPO_LOSSES, dpo_loss, needs_mean_logprobs
+from training.preference_pairs import load_preference_pairs
 from training.run import TrainingRun, optim_spec, training_steps
 from training.sharded_model import ShardedModel
 
@@ -80,34 +79,32 @@ def validate_dpo_pair(record: dict, keys: PreferenceKeys, strength_needed: bool)
     return row
 
 
-def response_logps(model, pb, mean: bool) -> torch.Tensor:
-    """``(2n,)`` log-probabilities of each sample's response tokens (chosen samples first): their
-    sum, or their per-token mean with ``mean``."""
-    masks = [response_mask(len(ids), plen) for ids, plen in pb.responses]
-    token_mask = layout_mask(pb.batch, masks).to(pb.batch.input_ids.device)
-    lp = model(pb.batch, token_mask=token_mask).log_probs
-    if isinstance(pb.batch, PackedBatch):
-        sums = torch.stack([piece.sum() for piece in pb.batch.split(lp * token_mask)])
-    else:
-        sums = (lp * token_mask).sum(-1)
-    if not mean:
-        return sums
-    counts = torch.tensor([float(m.sum()) for m in masks], device=sums.device).clamp(min=1.0)
-    return sums / counts
-
-
 class DPOBatch:
-    """A micro-batch of pairs (``rlhf_data.collate.collate_pairs``) with what the loss needs."""
+    """A micro-batch of pairs: the chosen responses, then the rejected ones, in one batch (one
+    packed row with packing), with the mask of every response token and each pair's strength."""
 
     def __init__(self, pairs, indices, packing: bool, pad_id: int, device):
         self.indices = list(indices)
-        pb = collate_pairs([pairs[i] for i in self.indices], packing, pad_id)
-        self.batch = pb.batch.to(device)
-        self.num_pairs = pb.num_pairs
-        chosen = [(pairs[i].chosen, pairs[i].chosen_prompt_len) for i in self.indices]
-        rejected = [(pairs[i].rejected, pairs[i].rejected_prompt_len) for i in self.indices]
-        self.responses = chosen + rejected
-        self.strength = torch.tensor([pairs[i].margin for i in self.indices], dtype=torch.float32, device=device)
+        mine = [pairs[i] for i in self.indices]
+        self.num_pairs = len(mine)
+        samples = [(p.chosen, p.chosen_prompt_len) for p in mine] + [(p.rejected, p.rejected_prompt_len) for p in mine]
+        batch = make_batch([ids for ids, _ in samples], packing, pad_id)
+        masks = [response_mask(len(ids), plen) for ids, plen in samples]
+        self.batch = batch.to(device)
+        self.token_mask = layout_mask(batch, masks).to(device)
+        self.response_tokens = torch.tensor([float(m.sum()) for m in masks], device=device).clamp(min=1.0)
+        self.strength = torch.tensor([p.margin for p in mine], dtype=torch.float32, device=device)
+
+
+def response_logps(model, db: DPOBatch, mean: bool) -> torch.Tensor:
+    """``(2n,)`` log-probabilities of each sample's response tokens (chosen samples first): their
+    sum, or their per-token mean with ``mean``."""
+    lp = model(db.batch, token_mask=db.token_mask).log_probs * db.token_mask
+    if isinstance(db.batch, PackedBatch):
+        sums = torch.stack([piece.sum() for piece in db.batch.split(lp)])
+    else:
+        sums = lp.sum(-1)
+    return sums / db.response_tokens if mean else sums
 
 
 @torch.no_grad()
@@ -166,22 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- data: files -> validated pairs -> token ids (every error stops here, before training)
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
     keys = PreferenceKeys(cfg.prompt_key, cfg.chosen_key, cfg.rejected_key, cfg.strength_key)
-    train_rows, eval_rows, skipped = train_eval_rows(
-        cfg.dataset, cfg.dataset_probs, partial(validate_dpo_pair, keys=keys, strength_needed=cfg.loss == "strength"),
-        eval_dataset=cfg.eval_dataset, eval_split=cfg.eval_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
-    )
-    for line in skipped:
-        log(f"[data] {line}")
-
-    def unusable(pair):  # texts that differ only beyond --max_len give the loss nothing to separate
-        same = pair.chosen == pair.rejected
-        return f"chosen and rejected are the same tokens within --max_len {cfg.max_len}" if same else None
-
-    train_pairs, eval_pairs = tokenize_train_eval(train_rows, eval_rows, partial(tokenize_preference, tokenizer, max_len=cfg.max_len),
-                                                  unusable, cfg.chosen_key, cfg.skip_bad_rows, log)
-    check_fills_a_batch(len(train_pairs), cfg.train_batch_size, "training pairs")
-    log(f"[data] {len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, "
-        f"{sum(p.truncated for p in train_pairs)} truncated to {cfg.max_len} tokens")
+    validate = partial(validate_dpo_pair, keys=keys, strength_needed=cfg.loss == "strength")
+    train_pairs, eval_pairs = load_preference_pairs(cfg, tokenizer, validate, log)
 
     # ---- processes join only now: every mistake above stopped the run before a process group
     env = init_distributed()

@@ -32,15 +32,14 @@ from models.distributed import init_distributed, is_rank0
 from models.value_model import RewardModel
 from rlhf_data import PreferenceKeys, validate_preference
 from rlhf_data.collate import collate_pairs
-from rlhf_data.mixing import train_eval_rows
-from rlhf_data.tokenize import tokenize_preference, tokenize_train_eval
-from training.batches import check_fills_a_batch, split_global_batch
+from training.batches import split_global_batch
 from training.cli import run_cli
 from training.config import (
     CheckpointArgs, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
     parse_config,
 )
 from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
+from training.preference_pairs import load_preference_pairs
 from training.run import TrainingRun, optim_spec, training_steps
 from training.sharded_model import ShardedModel
 
@@ -123,23 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- data: files -> validated rows -> token ids (every error stops here, before training)
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
     keys = PreferenceKeys(cfg.prompt_key, cfg.chosen_key, cfg.rejected_key, cfg.margin_key)
-    train_rows, eval_rows, skipped = train_eval_rows(
-        cfg.dataset, cfg.dataset_probs, partial(validate_preference, keys=keys),
-        eval_dataset=cfg.eval_dataset, eval_split=cfg.eval_split, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed,
-    )
-    for line in skipped:
-        log(f"[data] {line}")
-    tokenize = partial(tokenize_preference, tokenizer, max_len=cfg.max_len)
-
-    def unusable(pair):  # texts that differ only beyond --max_len give the loss nothing to separate
-        same = pair.chosen == pair.rejected
-        return f"chosen and rejected are the same tokens within --max_len {cfg.max_len}" if same else None
-
-    train_pairs, eval_pairs = tokenize_train_eval(train_rows, eval_rows, tokenize, unusable, cfg.chosen_key,
-                                                  cfg.skip_bad_rows, log)
-    check_fills_a_batch(len(train_pairs), cfg.train_batch_size, "training pairs")
-    n_trunc = sum(p.truncated for p in train_pairs)
-    log(f"[data] {len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {n_trunc} truncated to {cfg.max_len} tokens")
+    train_pairs, eval_pairs = load_preference_pairs(cfg, tokenizer, partial(validate_preference, keys=keys), log)
 
     # ---- processes join only now: every mistake above stopped the run before a process group
     env = init_distributed()
