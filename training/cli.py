@@ -7,6 +7,8 @@ report of the failed ranks). Every rank exits with status 2 (``training.config.e
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable, TypeVar
 
 from rlhf_data.errors import DataError
@@ -16,8 +18,14 @@ T = TypeVar("T")
 
 
 def run_cli(main: Callable[[], T]) -> T:
-    """``main()``'s result; a ``DataError`` or ``ConfigError`` exits with status 2 and one line."""
+    """``main()``'s result; a ``DataError`` or ``ConfigError`` exits with status 2 and one line;
+    Ctrl-C exits with 130 and one line (from rank 0), not a traceback from wherever it landed."""
     try:
         return main()
     except (DataError, ConfigError) as e:
         exit_with_error(str(e))
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted: rerun the same command to continue from the last checkpoint "
+                  "(--ckpt_path), if there is one", file=sys.stderr, flush=True)
+        sys.exit(130)
