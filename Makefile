@@ -25,6 +25,12 @@ TEST_ARGS ?= -n 2 --dist loadfile
 test: install
 	$(PY) -m pytest -q --durations=25 $(TEST_ARGS) tests
 
+# Best-of-n on the tiny demo's SFT policy and reward model (run `make demo-tiny` first): out/best_of_n_tiny
+best-of-n-tiny: install
+	$(PY) best_of_n.py --config configs/best_of_n_tiny.yaml --pretrain out/demo_tiny/sft \
+		--reward_pretrain out/demo_tiny/rm --prompt_data models/assets/tiny_prompts.jsonl --output out/best_of_n_tiny
+.PHONY: best-of-n-tiny
+
 bench: install
 	$(PY) -m benchmarks.packing --config configs/benchmark_packing.yaml
 
@@ -51,3 +57,11 @@ bench-label: install
 bench-rl: install
 	$(PY) -m benchmarks.remax_vs_ppo --config configs/benchmark_remax_vs_ppo.yaml
 .PHONY: bench-rl
+
+# Our RLOO / ReMax (fsdp_ppo_ray.py, vLLM CPU rollouts) against TRL's RLOOTrainer (HF generate), the same
+# SmolLM2 policy, reward model (trained first into out/bench_rl_trl/rm if missing) and settings: s/iteration
+# and held-out reward (about 20 minutes on 2 idle cores; trl comes with the dev extra).
+bench-rl-trl: install
+	$(PY) -m models.packaged smollm2 out/models/smollm2
+	$(PY) -m benchmarks.rl_vs_trl --config configs/benchmark_rl_vs_trl.yaml
+.PHONY: bench-rl-trl

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 
 from models.actor import Actor
 from models.distributed import init_distributed, is_rank0
+from models.lora import lora_spec
 from models.packing import PackedBatch
 from rlhf_data import PreferenceKeys, validate_preference
 from rlhf_data.collate import layout_mask, make_batch, response_mask
@@ -37,8 +38,8 @@ from rlhf_data.errors import DataError
 from training.batches import split_global_batch
 from training.cli import run_cli
 from training.config import (
-    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
-    parse_config,
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, LoraArgs, TrainDataArgs, TrainLoopArgs,
+    check_trainer_config, parse_config,
 )
 from training.dpo_losses import DPO_LOSSES, dpo_loss, needs_mean_logprobs
 from training.preference_pairs import load_preference_pairs
@@ -47,7 +48,7 @@ from training.sharded_model import ShardedModel
 
 
 @dataclass
-class DPOConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs):
+class DPOConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs, LoraArgs):
     """Train a policy directly on preference pairs (DPO, IPO, strength-aware DPO)."""
 
     pretrain: str = field(default="", metadata={"help": "HF causal LM folder: the initial policy and the reference", "path": "model"})
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     token_budget = cfg.packing_max_tokens or 2 * cfg.micro_train_batch_size * cfg.max_len
     sharding = dict(zero_stage=cfg.zero_stage, bf16=cfg.bf16, seed=cfg.seed)
-    model = ShardedModel(build, env, gradient_checkpointing=cfg.gradient_checkpointing, **sharding,
+    model = ShardedModel(build, env, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora_spec(cfg), **sharding,
                          optim=optim_spec(cfg, training_steps(cfg, len(train_pairs)), token_budget))
     pad_id = tokenizer.pad_token_id
     if cfg.ref_on_the_fly:

@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from models.distributed import init_distributed, is_rank0
+from models.lora import lora_spec
 from models.value_model import RewardModel
 from rlhf_data import PreferenceKeys, validate_preference
 from rlhf_data.collate import collate_pairs
 from training.batches import split_global_batch
 from training.cli import run_cli
 from training.config import (
-    CheckpointArgs, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
+    CheckpointArgs, DistributedArgs, LoggingArgs, LoraArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
     parse_config,
 )
 from training.reward_losses import LOSS_NAMES, pairwise_logistic_loss
@@ -45,7 +46,7 @@ from training.sharded_model import ShardedModel
 
 
 @dataclass
-class RMConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs):
+class RMConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs, LoraArgs):
     """Train a reward model on preference pairs."""
 
     pretrain: str = field(default="", metadata={"help": "HF folder: a causal LM (new score head) or a reward model", "path": "model"})
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     token_budget = cfg.packing_max_tokens or 2 * cfg.micro_train_batch_size * cfg.max_len
     model = ShardedModel(build, env, zero_stage=cfg.zero_stage, bf16=cfg.bf16, seed=cfg.seed,
-                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         gradient_checkpointing=cfg.gradient_checkpointing, lora=lora_spec(cfg),
                          optim=optim_spec(cfg, training_steps(cfg, len(train_pairs)), token_budget))
     run = TrainingRun(cfg, env, model, tokenizer, num_samples=len(train_pairs), name="rm", log=log)
     pad_id = tokenizer.pad_token_id

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from models.actor import Actor
 from models.distributed import all_reduce_mean, init_distributed, is_rank0
+from models.lora import lora_spec
 from rlhf_data import validate_conversation
 from rlhf_data.collate import layout_mask, make_batch
 from rlhf_data.mixing import train_eval_rows
@@ -27,15 +28,15 @@ from rlhf_data.tokenize import tokenize_conversation, tokenize_train_eval
 from training.batches import check_fills_a_batch, split_global_batch
 from training.cli import run_cli
 from training.config import (
-    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, check_trainer_config,
-    parse_config,
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, LoraArgs, TrainDataArgs, TrainLoopArgs,
+    check_trainer_config, parse_config,
 )
 from training.run import TrainingRun, optim_spec, training_steps
 from training.sharded_model import ShardedModel
 
 
 @dataclass
-class SFTConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs):
+class SFTConfig(DistributedArgs, LoggingArgs, TrainDataArgs, TrainLoopArgs, CheckpointArgs, LoraArgs):
     """Supervised fine-tuning on chat conversations (loss on assistant tokens only)."""
 
     pretrain: str = field(default="", metadata={"help": "HF causal LM folder", "path": "model"})
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     token_budget = cfg.packing_max_tokens or cfg.micro_train_batch_size * cfg.max_len
     model = ShardedModel(build, env, zero_stage=cfg.zero_stage, bf16=cfg.bf16, seed=cfg.seed,
-                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         gradient_checkpointing=cfg.gradient_checkpointing, lora=lora_spec(cfg),
                          optim=optim_spec(cfg, training_steps(cfg, len(train_convs)), token_budget))
     run = TrainingRun(cfg, env, model, tokenizer, num_samples=len(train_convs), name="sft", log=log)
     pad_id = tokenizer.pad_token_id

@@ -9,6 +9,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from models.lora import LoraSpec, lora_spec
 from rl.config import RLConfig, placement_counts
 from rl.worker_group import DevicePool, WorkerGroup
 from rl.workers import (
@@ -127,10 +128,10 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
         pools.append(p)
         return p
 
-    def spec(path: str, budget_micro: int) -> ModelSpec:
+    def spec(path: str, budget_micro: int, lora: LoraSpec | None = None) -> ModelSpec:
         return ModelSpec(path=path, zero_stage=cfg.zero_stage, bf16=cfg.bf16, flash_attn=cfg.flash_attn,
                          gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, torch_threads=threads,
-                         forward_token_budget=cfg.token_budget(budget_micro))
+                         forward_token_budget=cfg.token_budget(budget_micro), lora=lora)
 
     def optim(lr: float, steps: int, micro: int) -> OptimSpec:
         return OptimSpec(learning_rate=lr, total_steps=steps, l2=cfg.l2, lr_warmup_ratio=cfg.lr_warmup_ratio,
@@ -144,7 +145,7 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
     micro = cfg.micro_rollout_batch_size
     actor_pool = pool("actor", cfg.actor_num_nodes, cfg.actor_num_gpus_per_node)
     half = 0.5 if cfg.colocate_actor_ref else 1.0
-    actor = group(PolicyWorker, actor_pool, "actor", half, spec=spec(cfg.pretrain, micro),
+    actor = group(PolicyWorker, actor_pool, "actor", half, spec=spec(cfg.pretrain, micro, lora_spec(cfg)),
                   optim=optim(cfg.actor_learning_rate, actor_steps, cfg.actor_train_batch_size))
     ref_pool = actor_pool if cfg.colocate_actor_ref else pool("ref", cfg.ref_num_nodes, cfg.ref_num_gpus_per_node)
     ref = group(PolicyWorker, ref_pool, "ref", half, spec=spec(cfg.pretrain, micro), optim=None)
@@ -186,7 +187,9 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
     setups = {name: g.submit(g.worker_cls.setup) for name, g in groups.items()}
     for name, g in groups.items():
         info = WorkerGroup.collect(setups[name])[0][0]
-        log(f"[workers] {name}: {len(g)} rank(s), {info['parameters'] / 1e6:.1f}M parameters")
+        lora = (f" ({info['trainable_parameters'] / 1e6:.2f}M trainable: LoRA r={cfg.lora_rank})"
+                if name == "actor" and cfg.lora_rank else "")
+        log(f"[workers] {name}: {len(g)} rank(s), {info['parameters'] / 1e6:.1f}M parameters{lora}")
     stats = ray.get([e.get_stats.remote() for e in engines], timeout=1800)
     log(f"[workers] {len(engines)} {cfg.rollout_backend} engine(s), started in "
         f"{max(s.get('start_seconds', 0.0) for s in stats):.1f} s")

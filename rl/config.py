@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import (
-    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, check_count, check_data_mix, check_fields, check_libraries,
+    CheckpointArgs, ConfigError, DistributedArgs, LoggingArgs, LoraArgs, check_count, check_data_mix, check_fields,
+    check_libraries, check_lora,
 )
 
 ESTIMATORS = ("gae", "remax", "rloo", "reinforce_baseline")
@@ -52,7 +53,7 @@ class RLDataArgs:
 
 
 @dataclass
-class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, CheckpointArgs):
+class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, CheckpointArgs, LoraArgs):
     """PPO / ReMax / RLOO with Ray workers and vLLM rollouts."""
 
     pretrain: str = field(default="", metadata={"help": "the initial policy (HF causal LM folder)", "path": "model"})
@@ -106,6 +107,7 @@ class RLConfig(PlacementArgs, RLDataArgs, DistributedArgs, LoggingArgs, Checkpoi
         check_libraries(self)
         if not self.pretrain or not self.reward_pretrain or not self.prompt_data:
             raise ConfigError("--pretrain, --reward_pretrain and --prompt_data are required")
+        check_lora(self)  # LoRA adapts the actor only (critic and reward models train or score in full)
         if self.weight_sync == "broadcast" and self.rollout_backend != "vllm":
             raise ConfigError("--weight_sync broadcast needs --rollout_backend vllm (the HF engine takes object_store)")
         if self.advantage_estimator == "rloo" and self.n_samples_per_prompt < 2:

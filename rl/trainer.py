@@ -353,7 +353,7 @@ class RLTrainer:
         cfg = self.cfg
         if not cfg.save_path:
             return
-        self.workers.actor.call(PolicyWorker.save_pretrained, cfg.save_path, cfg.pretrain)
+        self.workers.actor.call(PolicyWorker.save_pretrained, cfg.save_path, cfg.pretrain, cfg.save_adapter)
         if self.workers.critic is not None:
             self.workers.critic.call(CriticWorker.save_pretrained, critic_save_path(cfg.save_path), None)
 

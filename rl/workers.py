@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
+from models.lora import LoraSpec
 from rl.worker_group import DistributedWorker
 from training.sharded_model import OptimSpec, ShardedModel, load_dtype
 
@@ -42,6 +43,7 @@ class ModelSpec:
     seed: int = 42
     torch_threads: int = 0  # 0: leave torch's default (CPU workers)
     forward_token_budget: int = 8192  # tokens of a packed micro-batch in no-grad passes
+    lora: LoraSpec | None = None  # adapters on a trainable model (the actor with --lora_rank)
 
 
 class ModelWorker(DistributedWorker):
@@ -66,8 +68,8 @@ class ModelWorker(DistributedWorker):
         dtype = load_dtype(spec.bf16, trainable=self.optim_spec is not None)
         self.model = ShardedModel(lambda: self.build(dtype), self.env, zero_stage=spec.zero_stage, bf16=spec.bf16,
                                   gradient_checkpointing=spec.gradient_checkpointing, seed=spec.seed,
-                                  optim=self.optim_spec)
-        return {"parameters": self.model.num_parameters}
+                                  optim=self.optim_spec, lora=spec.lora)
+        return {"parameters": self.model.num_parameters, "trainable_parameters": self.model.num_trainable_parameters}
 
     # -- plans -------------------------------------------------------------------------------------
     def forward_plan(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -150,11 +152,12 @@ class ModelWorker(DistributedWorker):
         if sd is not None:
             self.weight_group.send(sd)
 
-    def save_pretrained(self, path: str, tokenizer_path: str | None = None) -> None:
-        """A plain HF folder (collective; rank 0 writes)."""
+    def save_pretrained(self, path: str, tokenizer_path: str | None = None, adapter: bool = False) -> None:
+        """A plain HF folder (collective; rank 0 writes); LoRA merged, and its adapter in
+        ``path/adapter`` with ``adapter``."""
         from transformers import AutoTokenizer
 
-        self.model.save_pretrained(path, AutoTokenizer.from_pretrained(tokenizer_path or self.spec.path))
+        self.model.save_pretrained(path, AutoTokenizer.from_pretrained(tokenizer_path or self.spec.path), adapter)
 
     def save_state(self, folder: str) -> None:
         self.model.save_state(folder)

@@ -29,3 +29,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_preference_split(folder: Path, n_train: int, n_eval: int = 64, extra=None) -> tuple[Path, Path]:
+    """``folder/train.jsonl`` (``n_train`` rows, seed 0; each row updated by ``extra(row)`` when
+    given) and ``folder/eval.jsonl`` (``n_eval`` rows, seed 1): the trainers' train / held-out files."""
+    train = [r | (extra(r) if extra else {}) for r in preference_rows(n_train, seed=0)]
+    return write_jsonl(folder / "train.jsonl", train), write_jsonl(folder / "eval.jsonl", preference_rows(n_eval, seed=1))

@@ -103,6 +103,9 @@ CASES = [
     ("warmup_negative", lambda f: _sft(f, "--lr_warmup_ratio", "-0.1"), "--lr_warmup_ratio must be in [0, 1], got -0.1"),
     ("zero_stage_1", lambda f: _sft(f, "--zero_stage", "1"), "--zero_stage must be one of 2, 3, got 1"),
     ("logging_steps_0", lambda f: _sft(f, "--logging_steps", "0"), "--logging_steps must be >= 1, got 0"),
+    ("lora_unknown_target", lambda f: _sft(f, "--lora_rank", "4", "--target_modules", "q_proj,qkv"),
+     "--target_modules qkv: no such linear layer in"),
+    ("save_adapter_without_lora", lambda f: _sft(f, "--save_adapter"), "--save_adapter needs --lora_rank > 0"),
     # outputs
     ("save_under_a_file", lambda f: _sft(f, "--save_path", CHATS + "/model"), "is a file, so nothing can be written under it"),
     ("save_over_pretrain", lambda f: _sft(f, "--save_path", f["model"]), "is also --pretrain: an output must not overwrite an input"),

@@ -22,14 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config_classes():
+    import best_of_n
     import demo
     import train_dpo
     import train_rm_llama2
     import train_sft
     from benchmarks.bf16_cpu import Bf16CpuConfig
     from benchmarks.label_throughput import LabelBenchmarkConfig
+    from benchmarks.lora import LoraBenchmarkConfig
     from benchmarks.packing import PackingBenchmarkConfig
     from benchmarks.remax_vs_ppo import RemaxVsPPOConfig
+    from benchmarks.rl_vs_trl import RLvsTRLConfig
     from benchmarks.rm_throughput import RMThroughputConfig
     from rl.config import RLConfig
     from self_ref import compare_policies
@@ -42,6 +45,7 @@ def _config_classes():
         train_sft.SFTConfig: ("train_sft.py", ("sft_",)),
         train_rm_llama2.RMConfig: ("train_rm_llama2.py", ("rm_",)),
         train_dpo.DPOConfig: ("train_dpo.py", ("dpo_",)),
+        best_of_n.BestOfNConfig: ("best_of_n.py", ("best_of_n_",)),
         RLConfig: ("fsdp_ppo_ray.py", ("ppo_", "remax_")),
         GenerateConfig: ("self_ref/generate.py", ("generate_",)),
         LabelConfig: ("self_ref/label.py", ("judge_small.yaml",)),
@@ -50,9 +54,11 @@ def _config_classes():
         demo.DemoConfig: ("demo.py", ()),
         Bf16CpuConfig: ("benchmarks/bf16_cpu.py", ("benchmark_bf16_cpu",)),
         LabelBenchmarkConfig: ("benchmarks/label_throughput.py", ("benchmark_label_throughput",)),
+        LoraBenchmarkConfig: ("benchmarks/lora.py", ()),
         PackingBenchmarkConfig: ("benchmarks/packing.py", ("benchmark_packing",)),
         RemaxVsPPOConfig: ("benchmarks/remax_vs_ppo.py", ("benchmark_remax_vs_ppo",)),
         RMThroughputConfig: ("benchmarks/rm_throughput.py", ("benchmark_rm_throughput",)),
+        RLvsTRLConfig: ("benchmarks/rl_vs_trl.py", ("benchmark_rl_vs_trl",)),
     }
 
 

@@ -18,6 +18,7 @@ ENTRY_POINTS = [
     ("train_sft", "SFTConfig", "docs/train_sft.md"),
     ("train_rm_llama2", "RMConfig", "docs/train_rm.md"),
     ("train_dpo", "DPOConfig", "docs/train_dpo.md"),
+    ("best_of_n", "BestOfNConfig", "docs/best_of_n.md"),
     ("rl.config", "RLConfig", "docs/rl.md"),
     ("demo", "DemoConfig", "docs/demo.md"),
     ("self_ref.generate", "GenerateConfig", "docs/self_ref.md"),
@@ -30,6 +31,8 @@ ENTRY_POINTS = [
     ("benchmarks.label_throughput", "LabelBenchmarkConfig", "docs/benchmarks.md"),
     ("benchmarks.judge_variants", "VariantsConfig", "docs/benchmarks.md"),
     ("benchmarks.bf16_cpu", "Bf16CpuConfig", "docs/benchmarks.md"),
+    ("benchmarks.rl_vs_trl", "RLvsTRLConfig", "docs/benchmarks.md"),
+    ("benchmarks.lora", "LoraBenchmarkConfig", "docs/benchmarks.md"),
 ]
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")

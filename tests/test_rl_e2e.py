@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.synthetic_data import preference_rows, write_jsonl
@@ -141,3 +142,17 @@ def test_killed_run_resumes_like_an_uninterrupted_one(models, tmp_path):
     for key in ("reward_mean", "policy_loss", "value_loss", "kl"):
         for x, y in zip(a, b):
             assert abs(x[key] - y[key]) <= 1e-4 * max(1.0, abs(x[key])), (key, x["step"], x[key], y[key])
+
+
+def test_a_lora_actor_sends_merged_weights_to_vllm(models, tmp_path):
+    """--lora_rank on the actor: the engine gets the merged weights after every update (the sync
+    gap, engine vs trainer log-probs on a fresh probe, stays at fp32 noise), and the saved policy
+    is a plain folder in which only the adapted projections moved."""
+    run_rl(rl_args(models, tmp_path, "remax", max_iterations=3, eval_steps=-1, lora_rank=8, lora_alpha=16,
+                   actor_learning_rate=3e-2, save_path=tmp_path / "policy"))
+    metrics = rows(tmp_path)
+    assert len(metrics) == 3 and max(r["sync_logprob_gap"] for r in metrics) <= GAP_TOLERANCE, metrics
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    init = AutoModelForCausalLM.from_pretrained(models["sft"]).state_dict()
+    moved = {k for k in init if not torch.equal(trained[k], init[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved), moved

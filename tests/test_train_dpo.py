@@ -16,7 +16,7 @@ import train_dpo
 from rlhf_data import PreferenceKeys
 from rlhf_data.errors import DataError
 from rlhf_data.tokenize import tokenize_preference
-from tests.synthetic_data import preference_rows, write_jsonl
+from tests.synthetic_data import preference_rows, write_jsonl, write_preference_split
 from tests.trainer_runs import base_args, kill_after_checkpoint, losses, run_script
 from training.dpo_losses import dpo_loss, ipo_loss, sigmoid_dpo_loss
 from training.metrics_logger import read_metrics
@@ -65,9 +65,8 @@ def test_an_undecided_judgement_pulls_the_pair_together_not_apart():
 
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dpo_prefs")
-    rows = [r | {"strength": 0.5 + 0.5 * r["margin"]} for r in preference_rows(256, seed=0)]
-    return write_jsonl(d / "train.jsonl", rows), write_jsonl(d / "eval.jsonl", preference_rows(64, seed=1))
+    return write_preference_split(tmp_path_factory.mktemp("dpo_prefs"), 256,
+                                  extra=lambda r: {"strength": 0.5 + 0.5 * r["margin"]})
 
 
 def response_logprob(model, pair_ids: list[int], prompt_len: int) -> float:

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import train_rm_llama2
 from rlhf_data.tokenize import tokenize_preference
 from rlhf_data import validate_preference
-from tests.synthetic_data import preference_rows, write_jsonl
+from tests.synthetic_data import preference_rows, write_jsonl, write_preference_split
 from tests.trainer_runs import base_args, kill_after_checkpoint, losses, run_script
 from training.metrics_logger import read_metrics
 
@@ -21,8 +21,7 @@ SCRIPT = str(ROOT / "train_rm_llama2.py")
 
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prefs")
-    return write_jsonl(d / "train.jsonl", preference_rows(320, seed=0)), write_jsonl(d / "eval.jsonl", preference_rows(64, seed=1))
+    return write_preference_split(tmp_path_factory.mktemp("prefs"), 320)
 
 
 def test_learns_a_learnable_rule_and_saved_model_scores_like_eval(tiny_model_dir, prefs, tmp_path):

@@ -463,6 +463,33 @@ class CheckpointArgs:
     max_ckpt_num: int = field(default=2, metadata={"help": "checkpoints kept in --ckpt_path", "check": ">= 1"})
 
 
+@dataclass
+class LoraArgs:
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank r (peft): train rank-r adapters on --target_modules and freeze the rest (a value model's score head still trains); 0: full fine-tuning", "check": ">= 0"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_rank) * B A", "check": "> 0"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input", "check": "[0, 1)"})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module names that get adapters (e.g. q_proj,v_proj), or all-linear: every linear layer of the decoder"})
+    save_adapter: bool = field(default=False, metadata={"help": "with --lora_rank: also write the adapter alone (peft format) to <save_path>/adapter; the folder itself always holds merged plain weights"})
+
+
+def check_lora(cfg, model_flag: str = "--pretrain") -> None:
+    """The LoRA flags make sense together, and every ``--target_modules`` name is a linear layer of
+    the model (read from its config on the meta device: no weights load)."""
+    if cfg.save_adapter and not cfg.lora_rank:
+        raise ConfigError("--save_adapter needs --lora_rank > 0 (there is no adapter in full fine-tuning)")
+    if not cfg.lora_rank:
+        return
+    if not cfg.target_modules:
+        raise ConfigError("--target_modules is empty: name the modules that get adapters, or all-linear")
+    from models.lora import unknown_target_modules
+
+    path = getattr(cfg, model_flag.removeprefix("--"))
+    unknown, known = unknown_target_modules(path, cfg.target_modules)
+    if unknown:
+        raise ConfigError(f"--target_modules {','.join(unknown)}: no such linear layer in {path} "
+                          f"(it has {','.join(known)}, or use all-linear)")
+
+
 def check_libraries(cfg) -> None:
     """Flags that need an optional library: say so now, not after the model loaded."""
     import importlib.util
@@ -491,9 +518,9 @@ def check_data_mix(files: list[str], probs: list[float], eval_files: list[str], 
 
 
 def check_trainer_config(cfg) -> None:
-    """The checks SFT and RM training share (from their ``__post_init__``): field rules, one
-    positive mixing weight per dataset, one source of eval data, and a global batch that splits
-    over the ranks (``WORLD_SIZE``, set by torchrun) into whole micro-batches."""
+    """The checks SFT, RM and DPO training share (from their ``__post_init__``): field rules, one
+    positive mixing weight per dataset, one source of eval data, a global batch that splits
+    over the ranks (``WORLD_SIZE``, set by torchrun) into whole micro-batches, and the LoRA flags."""
     check_fields(cfg)
     check_libraries(cfg)
     if not cfg.pretrain or not cfg.dataset:
@@ -507,3 +534,5 @@ def check_trainer_config(cfg) -> None:
     if not cfg.packing_samples and per_rank % cfg.micro_train_batch_size:
         raise ConfigError(f"--micro_train_batch_size {cfg.micro_train_batch_size} must divide the "
                           f"{per_rank} samples per rank (--train_batch_size {cfg.train_batch_size} over {world} ranks)")
+    if isinstance(cfg, LoraArgs):
+        check_lora(cfg)

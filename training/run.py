@@ -62,8 +62,11 @@ class TrainingRun:
             wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
             resume_step=self.step if resumed else None,
         )
+        lora = f"LoRA r={model.lora_config.r}: " if model.lora_config is not None else ""
+        log(f"[model] {lora}{model.num_trainable_parameters:,} trainable parameters of {model.num_parameters:,} "
+            f"({100 * model.num_trainable_parameters / model.num_parameters:.2f}%)")
         self.bar = progress_bar(self.total_steps, name, env.is_main, initial=self.step, unit="step")
-        self._t_last, self._real_tokens, self._processed_tokens = time.perf_counter(), 0, 0
+        self._t_last, self._real_tokens, self._processed_tokens, self._steps = time.perf_counter(), 0, 0, 0
 
     def global_batches(self) -> Iterator[tuple[int, list[int]]]:
         """``(epoch, sample indices)`` of the global batches still to train, from the resume point."""
@@ -78,6 +81,7 @@ class TrainingRun:
         ``derive(means)``, grad norm, lr, tokens/s) and return them. ``real_tokens``: the global
         batch's tokens; ``processed_tokens``: what this rank's forward passes took in (+ padding)."""
         self.step += 1
+        self._steps += 1
         self.bar.update(1)
         self._real_tokens += real_tokens
         self._processed_tokens += processed_tokens
@@ -90,8 +94,9 @@ class TrainingRun:
         processed = all_reduce_mean(torch.tensor(float(self._processed_tokens))).item() * self.env.world_size
         seconds = now - self._t_last
         metrics |= {"grad_norm": grad_norm, "lr": self.model.lr, "epoch": epoch,
-                    "tokens_per_s": self._real_tokens / seconds, "processed_tokens_per_s": processed / seconds}
-        self._t_last, self._real_tokens, self._processed_tokens = now, 0, 0
+                    "tokens_per_s": self._real_tokens / seconds, "processed_tokens_per_s": processed / seconds,
+                    "step_seconds": seconds / self._steps}
+        self._t_last, self._real_tokens, self._processed_tokens, self._steps = now, 0, 0, 0
         self.logger.log(self.step, metrics)
         self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("loss", "acc") if k in metrics})
         return metrics
@@ -104,7 +109,7 @@ class TrainingRun:
         """HF folder to ``--save_path`` and resumable state to ``--ckpt_path``. Collective."""
         cfg = self.cfg
         if cfg.save_path:
-            self.model.save_pretrained(cfg.save_path, self.tokenizer)
+            self.model.save_pretrained(cfg.save_path, self.tokenizer, adapter=getattr(cfg, "save_adapter", False))
         if cfg.ckpt_path:
             m = self.model
             save_checkpoint(cfg.ckpt_path, self.step, m.module, m.optimizer, m.scheduler,

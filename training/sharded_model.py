@@ -10,16 +10,23 @@ scaffold that SFT and RM training (``training.run.TrainingRun``) and every RL wo
 
 A frozen model (``optim=None``: the reference policy, a reward model) is put in eval mode with no
 gradients and may load in bf16 (``load_dtype``).
+
+With ``lora`` (``models.lora.LoraSpec``) only the adapters (and a value model's score head) train;
+everything that leaves the model as weights (``full_state_dict``: the vLLM weight sync;
+``save_pretrained``) is the merged plain HF state dict, so no reader needs peft.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from models.fsdp import full_state_dict, save_hf_pretrained, shard_model
+from models.lora import LoraSpec, add_lora, merge_lora, parameter_counts, save_adapter
 from training.batches import split_global_batch
 from training.checkpoint import load_model_state, save_model_state
 from training.optim import build_optimizer, build_scheduler
@@ -53,12 +60,16 @@ class ShardedModel:
 
     def __init__(self, build: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], env, *, zero_stage: int = 3,
                  bf16: bool = False, gradient_checkpointing: bool = False, seed: int = 42,
-                 optim: OptimSpec | None = None):
+                 optim: OptimSpec | None = None, lora: LoraSpec | None = None):
+        if lora is not None and optim is None:
+            raise ValueError("LoRA adapters are for a model that trains (optim is None)")
         self.env, self.optim_spec = env, optim
-        torch.manual_seed(seed)  # a fresh head gets the same init on every rank
+        torch.manual_seed(seed)  # a fresh head (and the adapters' A) get the same init on every rank
         self.module, self.hf_model = build()
         self.hf_model.config.use_cache = False  # packed rows: the KV cache would merge samples
-        self.num_parameters = sum(p.numel() for p in self.module.parameters())  # before sharding
+        self.lora_config = add_lora(self.hf_model, lora) if lora is not None else None
+        # before sharding (after it, parameters are this rank's shards)
+        self.num_trainable_parameters, self.num_parameters = parameter_counts(self.module)
         shard_model(self.module, zero_stage=zero_stage, device=env.device, bf16=bf16,
                     gradient_checkpointing=gradient_checkpointing and optim is not None, hf_model=self.hf_model)
         self.optimizer = self.scheduler = None
@@ -103,13 +114,26 @@ class ShardedModel:
 
     # -- saving ------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The full HF-format state dict on rank 0 (None elsewhere). Collective."""
+        """The full plain-HF state dict on rank 0 (None elsewhere); LoRA adapters merged into
+        their weights. Collective."""
         sd = full_state_dict(self.hf_model)
-        return sd if self.env.rank == 0 else None
+        if self.env.rank != 0:
+            return None
+        return merge_lora(self.hf_model, sd, self.lora_config) if self.lora_config is not None else sd
 
-    def save_pretrained(self, path: str, tokenizer) -> None:
-        """A plain HF folder (collective; rank 0 writes)."""
-        save_hf_pretrained(self.hf_model, path, tokenizer)
+    def save_pretrained(self, path: str, tokenizer, adapter: bool = False) -> None:
+        """A plain HF folder (collective; rank 0 writes); with LoRA the merged weights, and with
+        ``adapter`` the adapter alone in ``path/adapter`` (peft format) too."""
+        sd = full_state_dict(self.hf_model)
+        adapter_tmp = Path(f"{path}.adapter.tmp")
+        if self.lora_config is not None and self.env.rank == 0:
+            if adapter:
+                shutil.rmtree(adapter_tmp, ignore_errors=True)
+                save_adapter(self.hf_model, sd, self.lora_config, adapter_tmp)
+            sd = merge_lora(self.hf_model, sd, self.lora_config)
+        save_hf_pretrained(self.hf_model, path, tokenizer, state_dict=sd)
+        if adapter and self.lora_config is not None and self.env.rank == 0:
+            adapter_tmp.rename(Path(path) / "adapter")
 
     def save_state(self, folder) -> None:
         """Sharded model + optimizer, schedule and RNG into ``folder`` (collective)."""
