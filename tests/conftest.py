@@ -5,13 +5,23 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under `pytest -n 2` (make test, CI) each worker gets one core: one torch thread, and one for the
+# processes its tests start (torchrun ranks, Ray workers, servers) unless a test sets its own.
+# Two workers with two OpenMP threads each oversubscribe 2 cores, and OpenMP's spinning barriers
+# then stall: the LoRA RM test took 3 s with one thread next to a busy 2-thread process, 45 s with two.
+# Set before torch loads (OpenMP reads the variable once).
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
-torch.set_num_threads(2)
+torch.set_num_threads(1 if XDIST else 2)
 
 from models.tiny import TinyModelConfig, build_tiny_model  # noqa: E402
 

@@ -138,7 +138,7 @@ def test_the_command_with_vllm_and_two_reward_models(tiny_model_dir, reward_mode
     proc = subprocess.run([sys.executable, str(ROOT / "best_of_n.py"),
                            *args(tiny_model_dir, reward_models, out, "--max_samples", "4", "--chunk_size", "3")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"})
+                          env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-5000:]
     summary = json.loads((out / "summary.json").read_text())
     assert "[best-of-n] mean reward: kept" in proc.stdout

@@ -255,7 +255,7 @@ def test_greedy_responses_from_policy_folders_with_vllm(tmp_path, tiny_model_dir
     out = tmp_path / "out"
     argv = args(policy_a=tiny_model_dir, policy_b=tiny_model_dir, name_a="rl", name_b="sft", prompts=prompts, output=out,
                 max_new_tokens=8, base_url=dead_url(), model="judge", max_retries=0)
-    env = os.environ | {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "self_ref.compare_policies", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

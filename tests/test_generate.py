@@ -52,7 +52,7 @@ def prompts_file(tmp_path) -> Path:
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "self_ref.generate", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
