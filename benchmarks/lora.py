@@ -3,7 +3,7 @@ seconds per optimizer step of the same ``train_sft.py`` run (same data, batch, p
 each in its own process so that peak RSS is that run's alone. Prints a table and writes
 ``benchmarks/results/lora.json``.
 
-    python -m benchmarks.lora [--config configs/benchmark_lora.yaml] [--pretrain DIR]
+    python -m benchmarks.lora [--pretrain DIR] [--lora_ranks 0,8] [--steps 4]
 """
 
 from __future__ import annotations
