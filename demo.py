@@ -4,6 +4,7 @@
     python demo.py --algo ppo             # PPO with GAE instead
     python demo.py --until rm             # stop after the reward model
     python demo.py --force rm,rl          # redo these stages (and every later one); --force all
+    python demo.py --dry_run              # every stage's command checks its options; nothing runs (seconds)
 
 Stages, each one plain command printed before it runs (copy it to re-run or swap a stage):
 
@@ -43,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.dry_run import check_stages
 from pipeline.processes import install_interrupt_handlers, log_tail
 from pipeline.runner import run_pipeline
 from pipeline.stage import Stage, StageFailed, StageResult
@@ -119,6 +121,7 @@ class DemoConfig:
     force: list[str] = field(default_factory=list, metadata={"help": "stages to redo even if done: 'all' or stage names (later stages follow)"})
     prompts: str | None = field(default=None, metadata={"help": "training prompts jsonl (key message) for generation and RL (default: the model's shipped set)", "path": "data"})
     judge_port: int = field(default=23333, metadata={"help": "port of the local judge server on 127.0.0.1", "check": "[1, 65535]"})
+    dry_run: bool = field(default=False, metadata={"help": "build every stage's command as a run would and have its entry point check it (--dry_run), running nothing: one line per stage, seconds"})
 
     def __post_init__(self):
         check_fields(self)
@@ -429,6 +432,12 @@ def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_
     return "\n".join(lines)
 
 
+def missing_figures(summary: str) -> list[str]:
+    """The summary's lines of figures a stage that ran should have left and did not: such a run
+    failed (exit 1; CI relies on it), whatever the stages' exit statuses said."""
+    return [line.strip() for line in summary.splitlines() if "  missing: " in line]
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
@@ -440,6 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     install_interrupt_handlers()
     stages = build_stages(cfg, out)
+    if cfg.dry_run:
+        print(f"demo --dry_run: {cfg.model}, {cfg.algo}; each stage's command checks its options, nothing runs")
+        checks = check_stages(stages, ROOT, cfg.until)
+        for check in checks:
+            print("\n".join(check.lines()))
+        failed = [c.name for c in checks if not c.ok]
+        print(f"dry run: {len(checks) - len(failed)} of {len(checks)} stages ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        return 1 if failed else 0
     print(f"demo: {' -> '.join(s.name for s in stages)} into {out} (commands run from {ROOT}; "
           f"--until {cfg.until}, --algo {cfg.algo})")
     t0 = time.monotonic()
@@ -461,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     (out / "summary.txt").write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
     print(f"report: {write_report(out)} (plots in {out / 'report'})")
+    missing = missing_figures(summary)
+    if missing:
+        print(f"error: the summary lacks {len(missing)} figure(s), e.g. {missing[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

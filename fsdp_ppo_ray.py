@@ -27,10 +27,8 @@ from training.config import ConfigError, parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(RLConfig, argv)
-    check_resources(cfg)
-    if cfg.rollout_backend == "vllm":
-        require_vllm()  # fail here, before any worker starts, if vLLM is missing
+    # vLLM is checked here, before any worker starts (and by --dry_run)
+    cfg = parse_config(RLConfig, argv, checks=[check_resources, lambda c: c.rollout_backend != "vllm" or require_vllm()])
 
     # ---- data (every error stops here, before Ray starts)
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)

@@ -161,12 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the saved weights (float32 keeps the de-quantized values exact)")
     parser.add_argument("--force", action="store_true", help="convert again into a finished folder")
+    parser.add_argument("--dry_run", action="store_true", help="find the GGUF file and read its architecture, convert nothing")
     ns = parser.parse_args(argv)
     expected = 1 if ns.gguf else 2
     if len(ns.args) != expected:
         parser.error("usage: python -m models.packaged NAME OUT_DIR, or --gguf FILE OUT_DIR")
     try:
         source = Path(ns.gguf) if ns.gguf else packaged_gguf(ns.args[0])
+        if ns.dry_run:
+            arch = gguf_architecture(source)
+            if arch not in SUPPORTED_ARCHITECTURES:
+                raise PackagedModelError(f"{source}: architecture {arch!r}, this converter reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+            print(f"[dry_run] models.packaged: {source.name} ({arch}) found; nothing was converted")
+            return 0
         convert_gguf(source, Path(ns.args[-1]), ns.dtype, ns.force)
     except PackagedModelError as e:
         print(f"error: {e}", file=sys.stderr)

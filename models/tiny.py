@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to write (created if missing)")
     for f in fields(TinyModelConfig):
         parser.add_argument(f"--{f.name}", type=int, default=f.default)
+    parser.add_argument("--dry_run", action="store_true", help="check the options, build nothing")
     args = parser.parse_args(argv)
     cfg = TinyModelConfig(**{f.name: getattr(args, f.name) for f in fields(TinyModelConfig)})
+    if args.dry_run:
+        print(f"[dry_run] models.tiny: would write a tiny Llama to {args.out_dir}; nothing was built")
+        return
     path = build_tiny_model(args.out_dir, cfg)
     n = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(path).parameters())
     print(f"wrote tiny Llama ({n / 1e6:.2f}M parameters, vocab {json.load(open(path / 'config.json'))['vocab_size']}) to {path}")

@@ -43,8 +43,8 @@ class RLDataArgs:
     prompt_data: list[str] = field(default_factory=list, metadata={"help": "prompt files (jsonl/json/parquet/save_to_disk)", "path": "data"})
     prompt_data_probs: list[float] = field(default_factory=list, metadata={"help": "mixing weights, one per prompt file (default: each prompt once)", "check": "> 0"})
     input_key: str = field(default="message", metadata={"help": "the prompt field: chat turns or a string"})
-    eval_prompt_data: list[str] = field(default_factory=list, metadata={"help": "prompts for the greedy-reward evaluation (else --eval_split)", "path": "data"})
-    eval_split: float = field(default=0.0, metadata={"help": "fraction of the prompts held out for evaluation", "check": "[0, 1)"})
+    eval_prompt_data: list[str] = field(default_factory=list, metadata={"help": "prompts for the greedy-reward evaluation (else --eval_split)", "path": "data", "one_of": "eval data"})
+    eval_split: float = field(default=0.0, metadata={"help": "fraction of the prompts held out for evaluation", "check": "[0, 1)", "one_of": "eval data"})
     max_eval_prompts: int = field(default=64, metadata={"help": "evaluate on at most this many prompts", "check": ">= 1"})
     skip_bad_rows: bool = False
     prompt_max_len: int = field(default=1024, metadata={"check": ">= 1"})

@@ -67,7 +67,7 @@ from self_ref.label import LabelConfig
 from self_ref.prompts import DEFAULT_PROMPTS, JudgePrompts
 from self_ref.stats import Estimate, mean_interval, wilson_interval
 from training.cli import run_cli
-from training.config import ConfigError, check_fields, parse_config
+from training.config import ConfigError, check_fields, is_pending, parse_config
 from training.progress import progress_bar
 
 SIDES = ("a", "b")
@@ -152,6 +152,8 @@ class _CompareArgs:
 
 def _check_model_dir(flag: str, path: str) -> None:
     p = Path(path)
+    if not p.exists() and is_pending(p):
+        return  # a dry run: an earlier stage writes it
     if not p.is_dir():
         raise ConfigError(f"{flag} {path}: no such folder")
     if not (p / "config.json").exists() and flag != "--tokenizer":

@@ -52,7 +52,7 @@ from self_ref.judge import MODES, JudgeFlags, JudgeSettings, judge_pair
 from self_ref.prompts import JudgePrompts
 from self_ref.stats import Estimate, wilson_interval
 from training.cli import run_cli
-from training.config import ConfigError, parse_config
+from training.config import ConfigError, is_pending, parse_config
 from training.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ class EvaluateConfig(JudgeFlags):
             raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.mode not in (*MODES, "both"):
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, both; got {self.mode!r}")
-        if self.serve is not None and not (Path(self.serve) / "config.json").exists():
+        if self.serve is not None and not (Path(self.serve) / "config.json").exists() and not is_pending(self.serve):
             raise ConfigError(f"--serve {self.serve}: not a model folder (no config.json there)")
         if self.accept_agreement is None:
             self.accept_agreement = min(self.kept_levels())

@@ -63,6 +63,7 @@ def main():
             report[f"{kind}_continue_max_diff"] = max((c[k] - d[k]).abs().max().item() for k in c)
     if env.is_main:
         (out / "report.json").write_text(json.dumps(report))
+    torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
     torch.distributed.destroy_process_group()
 
 

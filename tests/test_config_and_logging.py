@@ -28,6 +28,88 @@ def test_defaults_yaml_then_flags(tmp_path):
     assert parse_config(DemoConfig, ["--packing_samples"]).packing_samples is True
 
 
+@dataclass
+class EvalChoiceConfig:
+    """Two ways to name the evaluation data (a ``one_of`` group), as the trainers and RL have."""
+
+    eval_files: list[str] = field(default_factory=list, metadata={"one_of": "eval data"})
+    eval_split: float = field(default=0.0, metadata={"one_of": "eval data"})
+    seed: int = 1
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.eval_files and self.eval_split:
+            raise ConfigError("--eval_files and --eval_split both name the evaluation data: give one")
+
+
+def test_a_flag_replaces_its_alternatives_from_yaml_not_from_the_command_line(tmp_path, capsys):
+    """The demo's RL stage: the YAML holds ``eval_split: 0.1`` (the standalone default), the
+    command line names held-out files. The user's flag wins, with one line saying so; both on the
+    command line, or both in the YAML, is still the user's conflict."""
+    yml = tmp_path / "rl.yaml"
+    yml.write_text("eval_split: 0.1\nseed: 7\n")
+    cfg = parse_config(EvalChoiceConfig, ["--config", str(yml), "--eval_files", "held.jsonl"], paths=False)
+    assert cfg.eval_files == ["held.jsonl"] and cfg.eval_split == 0.0 and cfg.seed == 7
+    assert f"[config] --eval_files from the command line replaces eval_split: 0.1 from {yml}" in capsys.readouterr().out
+    # the other way round: a flag split replaces YAML files
+    yml.write_text("eval_files: [a.jsonl]\n")
+    cfg = parse_config(EvalChoiceConfig, ["--config", str(yml), "--eval_split", "0.2"], paths=False)
+    assert cfg.eval_files == [] and cfg.eval_split == 0.2
+    # a flag at its default value (0: no split) asks for nothing, so the YAML's files stay
+    assert parse_config(EvalChoiceConfig, ["--config", str(yml), "--eval_split", "0"], paths=False).eval_files == ["a.jsonl"]
+    with pytest.raises(ConfigError, match="both name the evaluation data"):
+        parse_config(EvalChoiceConfig, ["--eval_files", "a.jsonl", "--eval_split", "0.1"], paths=False)
+    yml.write_text("eval_files: [a.jsonl]\neval_split: 0.1\n")
+    with pytest.raises(ConfigError, match="both name the evaluation data"):
+        parse_config(EvalChoiceConfig, ["--config", str(yml)], paths=False)
+
+
+def test_every_entry_point_config_declares_its_eval_alternatives():
+    """The groups the shipped configs rely on: a trainer's eval files or split, RL's eval prompts or split."""
+    import dataclasses
+
+    from rl.config import RLConfig
+    from train_dpo import DPOConfig
+    from train_rm_llama2 import RMConfig
+    from train_sft import SFTConfig
+
+    groups = lambda cls: {f.name: f.metadata.get("one_of") for f in dataclasses.fields(cls) if f.metadata.get("one_of")}  # noqa: E731
+    assert groups(RLConfig) == {"eval_prompt_data": "eval data", "eval_split": "eval data"}
+    for cls in (SFTConfig, RMConfig, DPOConfig):
+        assert groups(cls) == {"eval_dataset": "eval data", "eval_split": "eval data"}
+
+
+def test_dry_run_checks_then_exits_without_running(tmp_path, capsys, monkeypatch):
+    """``--dry_run``: every check (values, paths, the entry point's own), one line, exit 0; a missing
+    input passes only when it lies under RLHF_PENDING_PATHS, and only in a dry run."""
+    from training.config import PENDING_PATHS_ENV, is_pending
+
+    seen = []
+    argv = ["--pretrain", str(tmp_path / "later" / "sft"), "--dry_run"]
+    with pytest.raises(ConfigError, match="no such folder"):
+        parse_config(PathConfig, argv, checks=[seen.append])
+    monkeypatch.setenv(PENDING_PATHS_ENV, str(tmp_path / "later"))
+    with pytest.raises(SystemExit) as e:
+        parse_config(PathConfig, argv, checks=[seen.append])
+    assert e.value.code == 0 and len(seen) == 1 and seen[0].pretrain.endswith("sft")
+    out = capsys.readouterr().out
+    assert out.startswith("[dry_run] ") and "every option checked; nothing was run" in out
+    with pytest.raises(ConfigError, match="no such folder"):  # not a dry run: the pending list means nothing
+        parse_config(PathConfig, argv[:-1])
+    assert not is_pending(tmp_path / "later" / "sft")
+
+    def too_big_for_this_machine(cfg):
+        raise ConfigError("the placement asks for 9 GPUs")
+
+    with pytest.raises(ConfigError, match="9 GPUs"):  # an entry point's own checks run in a dry run too
+        parse_config(PathConfig, argv, checks=[too_big_for_this_machine])
+
+
+@dataclass
+class PathConfig:
+    pretrain: str = field(default="", metadata={"path": "model"})
+
+
 def test_yaml_errors_name_file_and_key(tmp_path):
     yml = tmp_path / "bad.yaml"
     yml.write_text("pretrain: x\nlearnin_rate: 1\n")

@@ -106,6 +106,7 @@ def test_summary_reads_the_artefacts(tmp_path):
     assert "0.25000 (last step)" in table
     assert "carry no meaning" in table
     assert "judge_eval.json has no 'modes'" in table  # no judge_eval.json: said, not skipped
+    assert [line.split()[:2] for line in demo.missing_figures(table)] == [["judge", "accuracy"], ["judge", "win"]]
 
     # the judge on the truth set and the judged comparison, as self_ref.evaluate / compare_policies write them
     est = lambda v, n: {"value": v, "low": v - 0.1, "high": v + 0.1, "n": n}  # noqa: E731
@@ -135,6 +136,7 @@ def test_summary_reads_the_artefacts(tmp_path):
     partial = [demo.StageResult(n, "ran" if n in ("model", "sft") else "not run", None, None) for n in demo.STAGE_NAMES]
     table = demo.summary_table(partial, out, tiny, 1.0)
     assert "- (label not run)" in table and "- (rm not run)" in table and "- (rl not run)" in table
+    assert demo.missing_figures(table) == []  # --until sft: nothing later was due
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
@@ -217,3 +219,82 @@ def test_report_after_dpo_plots_dpo_in_place_of_rm_and_rl(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "](report/dpo.png)" in text and (tmp_path / "report" / "dpo.png").is_file()
     assert "### reward model" not in text and "### RL" not in text
+
+
+# --- the dry run: every stage's command, checked by its own entry point ------------------------
+
+COMBINATIONS = [(model, algo) for model in demo.PROFILES for algo in demo.ALGOS]
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """``check_stage`` for every stage of every --model x --algo, each distinct command (with the
+    same earlier outputs) checked once: sft, generate, judge and label are the same for the three
+    algorithms. {(model, algo): [StageCheck, ...]} in stage order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.dry_run import check_stage
+
+    out = tmp_path_factory.mktemp("demo_dry_run")
+    plans, unique = {}, {}
+    for model, algo in COMBINATIONS:
+        stages = demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", algo]), out / model)
+        plan = []
+        for k, stage in enumerate(stages):
+            pending = [p for earlier in stages[:k] for p in earlier.outputs]
+            key = (tuple(stage.command), tuple(sorted(stage.env.items())), tuple(map(str, pending)))
+            unique.setdefault(key, (stage, pending))
+            plan.append(key)
+        plans[model, algo] = plan
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = dict(zip(unique, pool.map(lambda sp: check_stage(sp[0], sp[1], demo.ROOT), unique.values())))
+    return {combo: [done[key] for key in plan] for combo, plan in plans.items()}
+
+
+@pytest.mark.parametrize("model, algo", COMBINATIONS)
+def test_dry_run_of_every_stage_passes_its_entry_points_checks(dry_runs, model, algo):
+    """A config, flag or check change that would stop the main job (as `eval_split: 0.1` in the RL
+    YAML next to the demo's --eval_prompt_data once did, at the rl stage after 19 minutes) fails
+    here in seconds: each stage's command as the run builds it, checked by its entry point."""
+    checks = dry_runs[model, algo]
+    assert [c.name for c in checks] == list(demo.stage_names(algo))
+    for c in checks:
+        assert c.ok and c.message.startswith("[dry_run] "), f"{model}/{algo} stage {c.name}: {c.message}"
+    by_name = {c.name: c for c in checks}
+    trainer = "dpo" if algo == "dpo" else "rm"
+    assert "for 2 ranks" in by_name[trainer].message  # torchrun's world size reached the batch checks
+    if algo != "dpo" and model == "smollm2":
+        # the RL YAML's eval_split (its default when run alone) gives way to the demo's held-out prompts
+        assert by_name["rl"].notes == ["[config] --eval_prompt_data from the command line replaces "
+                                       f"eval_split: 0.1 from configs/{algo}_smollm2.yaml (alternatives: give one)"]
+
+
+def test_dry_run_fails_with_the_stage_and_the_entry_points_line(tmp_path):
+    from pipeline.dry_run import check_stage, dry_run_command
+    from pipeline.stage import Stage
+
+    bad = Stage("label", "labels", [PY, "-m", "self_ref.label", "--input", "data/judge_truth_set.jsonl",
+                                     "--output", str(tmp_path / "prefs.jsonl"), "--model", "judge", "--num_votes", "0"], [tmp_path / "prefs.jsonl"])
+    check = check_stage(bad, [], demo.ROOT)
+    assert not check.ok and check.lines()[0].startswith("label     FAILED")
+    assert "exit status 2: error: --num_votes must be >= 1, got 0" in check.message
+    # a torchrun command is checked as rank 0 of its world; other commands just get the flag
+    assert dry_run_command([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--nnodes=1:2",
+                            "train_rm_llama2.py", "--config", "c.yaml"]) == (
+        [PY, "train_rm_llama2.py", "--config", "c.yaml", "--dry_run"],
+        {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    assert dry_run_command([PY, "-m", "self_ref.label", "--x", "1"]) == ([PY, "-m", "self_ref.label", "--x", "1", "--dry_run"], {})
+
+
+def test_demo_dry_run_prints_one_line_per_stage_and_runs_nothing(tmp_path):
+    import subprocess
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([PY, "demo.py", "--model", "tiny", "--out", str(out), "--until", "generate", "--dry_run"],
+                          cwd=demo.ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("demo --dry_run: tiny, remax")
+    assert [ln.split()[:2] for ln in lines[1:4]] == [["model", "ok"], ["sft", "ok"], ["generate", "ok"]]
+    assert lines[-1] == "dry run: 3 of 3 stages ok"
+    assert not out.exists()  # nothing ran: not even the output folder was made

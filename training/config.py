@@ -1,5 +1,18 @@
 """Typed configs: a dataclass per entry script, defaults <- YAML file (``--config``) <- flags.
 
+The one rule of precedence (docs/configs.md), for every entry point: a flag given on the command
+line overrides the same option from the ``--config`` YAML, which overrides the dataclass default.
+Some options are alternatives for one thing (``--eval_dataset`` or ``--eval_split``: where the
+evaluation data comes from); a field's ``one_of`` metadata names its group. Setting one member on
+the command line drops the others' YAML values (back to their defaults, said in one ``[config]``
+line): a YAML default must not collide with what the user asked for. Two members set in the same
+place (both flags, or both in the YAML) are a conflict, which the config's checks report.
+
+``--dry_run`` (every entry point) runs the checks below, those the entry point passes as
+``checks`` (the machine's resources, required libraries) and exits 0 without running anything.
+A pipeline's dry run (``demo.py --dry_run``) names in ``RLHF_PENDING_PATHS`` the files an earlier
+stage will write: there, and only in a dry run, a missing path under one of them passes.
+
 Flags keep the seed system's names (``--pretrain``, ``--zero_stage``, ``--packing_samples`` ...);
 booleans accept ``--flag`` / ``--no-flag``. A YAML key that is not a field, or a value of the wrong
 type, stops with an error naming the file and the key.
@@ -23,6 +36,7 @@ Everything is checked before any heavy work (process group, Ray, model load, ser
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import functools
 import math
@@ -174,6 +188,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(description=description or (cls.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--config", default=None, help="YAML file of option: value (flags override it)")
+    if "dry_run" not in {f.name for f in dataclasses.fields(cls)}:
+        parser.add_argument("--dry_run", action="store_true",
+                            help="check every option (values, files, this machine's resources) and exit without running")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
@@ -197,21 +214,94 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None,
-                 paths: bool = True) -> T:
-    """Dataclass defaults, then the ``--config`` YAML, then explicit command-line flags; checked
-    (values always, paths unless ``paths=False``: tests of the value rules on made-up paths)."""
-    args = build_parser(cls, description).parse_args(argv)
-    values: dict[str, Any] = load_yaml(cls, args.config) if args.config else {}
+                 paths: bool = True, checks: typing.Sequence[typing.Callable[[T], None]] = ()) -> T:
+    """Dataclass defaults, then the ``--config`` YAML, then explicit command-line flags (``merge_layers``:
+    one source per ``one_of`` group); checked: values always, paths unless ``paths=False`` (tests of
+    the value rules on made-up paths), then ``checks`` (what else an entry point verifies before
+    any heavy work). ``--dry_run`` stops here, with one line, exit status 0."""
+    parser = build_parser(cls, description)
+    args = parser.parse_args(argv)
     hints = typing.get_type_hints(cls)
+    flags: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         flag = getattr(args, f.name)
         if flag is not None:
             elem = _list_element(hints[f.name])
-            values[f.name] = flag if elem is None else _list_value(flag, elem, f"--{f.name}")
-    cfg = cls(**values)
-    if paths:
-        check_paths(cfg)
+            flags[f.name] = flag if elem is None else _list_value(flag, elem, f"--{f.name}")
+    layers = [(str(args.config), load_yaml(cls, args.config) if args.config else {}), ("the command line", flags)]
+    values = merge_layers(cls, layers)
+    own_flag = "dry_run" in {f.name for f in dataclasses.fields(cls)}  # demo.py: its own dry run of every stage
+    dry_run = bool(getattr(args, "dry_run", False)) and not own_flag
+    token = _DRY_RUN.set(dry_run)
+    try:
+        cfg = cls(**values)
+        if paths:
+            check_paths(cfg)
+        for check in checks:
+            check(cfg)
+    finally:
+        _DRY_RUN.reset(token)
+    if dry_run:
+        world = f" for {world_size()} ranks" if world_size() > 1 else ""
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[dry_run] {_program()}: every option checked{world}; nothing was run", flush=True)
+        raise SystemExit(0)
     return cfg
+
+
+def _program() -> str:
+    """This process's entry point as its user typed it: ``train_sft.py`` or ``self_ref.generate``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None and spec.name != "__main__" else Path(sys.argv[0]).name
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def merge_layers(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Field values from ``layers`` (``(where, values)``, lowest first: the YAML file, then the
+    command line), a later layer's value replacing an earlier one's. Fields whose metadata share
+    a ``one_of`` group are alternatives for one thing: a member set to something other than its
+    default replaces the other members' values from earlier layers (one ``[config]`` line says
+    so). Members set in the same layer stay, for the config's checks to report."""
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    groups = {name: f.metadata["one_of"] for name, f in fields_by_name.items() if "one_of" in f.metadata}
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for where, layer in layers:
+        for name, value in layer.items():
+            group = groups.get(name)
+            if group is not None and value != _default(fields_by_name[name]):
+                for other in [o for o, g in groups.items() if g == group and o != name and o in values]:
+                    if source[other] == where:
+                        continue
+                    dropped = values.pop(other)
+                    if dropped != _default(fields_by_name[other]) and os.environ.get("RANK", "0") == "0":
+                        print(f"[config] --{name} from {where} replaces {other}: {_show(dropped)} from "
+                              f"{source.pop(other)} (alternatives: give one)", flush=True)
+            values[name], source[name] = value, where
+    return values
+
+
+# --- Dry runs ------------------------------------------------------------------------------------
+
+PENDING_PATHS_ENV = "RLHF_PENDING_PATHS"
+_DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("dry_run", default=False)
+
+
+def is_pending(path: str | Path) -> bool:
+    """In a ``--dry_run`` only: ``path`` lies at or under one of ``RLHF_PENDING_PATHS``
+    (``os.pathsep``-separated), the outputs an earlier stage of a pipeline will write."""
+    if not _DRY_RUN.get():
+        return False
+    p = Path(path).expanduser().resolve()
+    for item in os.environ.get(PENDING_PATHS_ENV, "").split(os.pathsep):
+        if item and p.is_relative_to(Path(item).expanduser().resolve()):
+            return True
+    return False
 
 
 # --- Value rules (metadata "check") ------------------------------------------------------------
@@ -310,6 +400,8 @@ def check_model_path(flag: str, value: str) -> None:
     """A local model folder (config.json and tokenizer files), or a Hub id that is cached or that
     the Hub knows. Nothing is downloaded here."""
     p = Path(value).expanduser()
+    if not p.exists() and is_pending(p):
+        return  # a dry run: an earlier stage writes it
     if p.exists():
         if not p.is_dir():
             raise ConfigError(f"{flag} {value}: a file, not a model folder")
@@ -347,7 +439,7 @@ def check_data_path(flag: str, value: str | list[str]) -> None:
     if not items or not all(items):
         raise ConfigError(f"{flag} is empty")
     for item in items:
-        if not Path(item).expanduser().exists():
+        if not Path(item).expanduser().exists() and not is_pending(item):
             raise ConfigError(f"{flag} {item}: no such file or folder")
 
 
@@ -434,8 +526,8 @@ class LoggingArgs:
 class TrainDataArgs:
     dataset: list[str] = field(default_factory=list, metadata={"help": "jsonl/json/parquet files or save_to_disk folders", "path": "data"})
     dataset_probs: list[float] = field(default_factory=list, metadata={"help": "mixing weights, one per dataset (default: each row once)", "check": "> 0"})
-    eval_dataset: list[str] = field(default_factory=list, metadata={"help": "evaluation files (else --eval_split of each dataset)", "path": "data"})
-    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation", "check": "[0, 1)"})
+    eval_dataset: list[str] = field(default_factory=list, metadata={"help": "evaluation files (else --eval_split of each dataset)", "path": "data", "one_of": "eval data"})
+    eval_split: float = field(default=0.0, metadata={"help": "fraction of each dataset held out for evaluation", "check": "[0, 1)", "one_of": "eval data"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and report) malformed rows instead of stopping"})
     max_len: int = field(default=2048, metadata={"help": "max tokens per sample", "check": ">= 2"})
 
@@ -484,6 +576,8 @@ def check_lora(cfg, model_flag: str = "--pretrain") -> None:
     from models.lora import unknown_target_modules
 
     path = getattr(cfg, model_flag.removeprefix("--"))
+    if not Path(path).exists() and is_pending(path):
+        return  # a dry run: the model is not written yet, its layers are checked when it runs
     unknown, known = unknown_target_modules(path, cfg.target_modules)
     if unknown:
         raise ConfigError(f"--target_modules {','.join(unknown)}: no such linear layer in {path} "
