@@ -31,6 +31,13 @@ best-of-n-tiny: install
 		--reward_pretrain out/demo_tiny/rm --prompt_data models/assets/tiny_prompts.jsonl --output out/best_of_n_tiny
 .PHONY: best-of-n-tiny
 
+# Each GPU path once (flash-attn varlen, FSDP2 on NCCL, SFT / RM / DPO steps, CUDA vLLM with the
+# broadcast weight sync, 2 ReMax iterations on SmolLM2, an lmdeploy judge if installed): one
+# PASS / FAIL / SKIP line each, about 10 minutes on one GPU. Without a GPU: says so, exits 0.
+gpu-check: install
+	$(PY) tests/gpu_check.py
+.PHONY: gpu-check
+
 bench: install
 	$(PY) -m benchmarks.packing --config configs/benchmark_packing.yaml
 

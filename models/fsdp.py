@@ -111,7 +111,8 @@ def shard_model(
     if mp is not None:
         kwargs["mp_policy"] = mp
     layer_classes = decoder_layer_classes(model)
-    model.to(device)
+    # No model.to(device) first: that put the whole unsharded model on every GPU. fully_shard moves
+    # each unit's parameters to the mesh's device as it shards them, one decoder layer at a time.
     for module in list(model.modules()):
         if isinstance(module, layer_classes):
             fully_shard(module, **kwargs)

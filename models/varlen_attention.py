@@ -115,6 +115,16 @@ def register_varlen_attention() -> None:
 register_varlen_attention()
 
 
+# attention implementations whose kernels take fp16 / bf16 only
+HALF_PRECISION_ONLY = (FLASH_ATTENTION_2, "flash_attention_3")
+
+
+def needs_half_precision(model) -> bool:
+    """``model``'s attention runs kernels that take half precision only (flash-attn): its compute
+    must be bf16 whatever ``--bf16`` says (its weights need not be)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in HALF_PRECISION_ONLY
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 

@@ -54,10 +54,10 @@ def reward_group_name(i: int, n: int) -> str:
 
 def local_cpu_slots(cfg: RLConfig) -> int:
     """Logical CPUs a local Ray needs to place every bundle (they are scheduling slots, not cores):
-    one per device the placement asks for (``rl.config.placement_counts``), one per engine (an
-    engine actor asks for one CPU whatever its tensor parallelism), one for the driver's tasks."""
-    counts = placement_counts(cfg, devices=True)
-    return sum(n for role, n in counts.items() if role != "vllm") + cfg.vllm_num_engines + 1
+    one per device the placement asks for (``rl.config.placement_counts``: an engine of one device
+    asks for one CPU, a tensor-parallel one for a bundle per device), one for the driver's tasks."""
+    counts = placement_counts(cfg, devices=True)  # "vllm": engines x tensor-parallel size (a bundle each)
+    return sum(counts.values()) + 1
 
 
 def start_ray(cfg: RLConfig, log=print) -> bool:
@@ -111,6 +111,49 @@ def stop_ray(started_here: bool) -> None:
     import ray
 
     ray.shutdown()
+
+
+def start_engines(cfg: RLConfig, use_gpu: bool, env: dict[str, str], worker_cls=RolloutWorker) -> tuple[list, list[DevicePool]]:
+    """One Ray actor per rollout engine (``worker_cls(backend, model_dir, **engine kwargs)``), and
+    the placement groups made for them.
+
+    An engine on one GPU asks Ray for it (Ray then sets its ``CUDA_VISIBLE_DEVICES``). A
+    tensor-parallel engine (``--vllm_tensor_parallel_size`` > 1, GPUs) gets a placement group of
+    ``tp`` GPU bundles on one node: its actor sits in the first bundle asking for no GPU itself,
+    the group is captured for its children, and vLLM's Ray executor puts its ``tp`` workers on the
+    bundles (``VLLM_RAY_BUNDLE_INDICES``, one GPU each). Ray may blank ``CUDA_VISIBLE_DEVICES`` of an
+    actor that asked for no GPU (before ray-project/ray#54868, or with
+    ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``), and an engine that sees no GPU takes the CPU settings
+    (fp32, eager, no tensor parallelism), so Ray is told to leave it alone
+    (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``) and the engine that it runs on CUDA
+    (``cuda=True``): OpenRLHF's ``_configure_device_env`` does the same."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    kwargs = dict(prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, seed=cfg.seed,
+                  torch_threads=cfg.worker_threads)
+    tp = cfg.vllm_tensor_parallel_size if cfg.rollout_backend == "vllm" else 1
+    if cfg.rollout_backend == "vllm":
+        kwargs |= dict(tensor_parallel_size=tp, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                       cpu_kvcache_space_gb=cfg.vllm_cpu_kvcache_space_gb)
+    remote = ray.remote(worker_cls)
+    engines, pools = [], []
+    for i in range(cfg.vllm_num_engines):
+        if use_gpu and tp > 1:
+            pool = DevicePool.create(f"vllm{i}", 1, tp, use_gpu=True, strategy="STRICT_PACK")
+            pools.append(pool)
+            options = dict(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pool.placement_group, placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True))
+            actor_env = {**env, "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+                         "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp))), "VLLM_RAY_PER_WORKER_GPUS": "1"}
+            engine_kwargs = kwargs | dict(cuda=True, distributed_executor_backend="ray")
+        else:
+            options = dict(num_cpus=1, num_gpus=1 if use_gpu else 0)
+            actor_env, engine_kwargs = env, kwargs
+        engines.append(remote.options(runtime_env={"env_vars": actor_env}, **options).remote(
+            cfg.rollout_backend, cfg.pretrain, **engine_kwargs))
+    return engines, pools
 
 
 def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print) -> RLWorkers:
@@ -167,19 +210,8 @@ def build_workers(cfg: RLConfig, actor_steps: int, critic_steps: int, log=print)
     rewards = [group(RewardWorker, reward_pool, reward_group_name(i, len(rm_paths)), share, spec=spec(p, micro))
                for i, p in enumerate(rm_paths)]
 
-    engines = []
-    engine_kwargs = dict(prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, seed=cfg.seed)
-    if cfg.rollout_backend == "vllm":
-        engine_kwargs |= dict(tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                              cpu_kvcache_space_gb=cfg.vllm_cpu_kvcache_space_gb)
-        if cfg.vllm_tensor_parallel_size > 1:
-            engine_kwargs["distributed_executor_backend"] = "ray"  # vLLM places its own TP workers
-    remote = ray.remote(RolloutWorker)
-    for i in range(cfg.vllm_num_engines):
-        gpus = 1 if use_gpu and cfg.vllm_tensor_parallel_size == 1 else 0
-        engines.append(remote.options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": env}).remote(
-            cfg.rollout_backend, cfg.pretrain, torch_threads=threads, **engine_kwargs))
+    engines, engine_pools = start_engines(cfg, use_gpu, env)
+    pools += engine_pools
     # The groups and engines start concurrently; one after another they took the sum of their
     # start-ups (~10 s of imports each on a 2-core CPU machine, model loading on GPU clusters).
     workers = RLWorkers(actor, ref, critic, rewards, engines, pools)

@@ -241,6 +241,9 @@ def check_resources(cfg: RLConfig) -> None:
             raise ConfigError(f"the placement asks for {sum(gpus.values())} GPUs ({asked}; see --*_num_gpus_per_node, "
                               f"--vllm_num_engines, --colocate_*), this machine has {have}")
         return
+    if cfg.vllm_tensor_parallel_size > 1 and cfg.rollout_backend == "vllm":
+        raise ConfigError(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} needs GPUs: a CPU vLLM engine "
+                          "runs one worker (drop the flag, or join a GPU cluster with --ray_address)")
     roles = placement_counts(cfg, devices=False)
     asked = ", ".join(f"{k} {v}" for k, v in roles.items() if v)
     policy = _weights_bytes(cfg.pretrain)

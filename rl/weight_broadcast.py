@@ -328,19 +328,26 @@ class BroadcastGroup:
             t = state_dict[k].detach().to(self.device).contiguous()
             self.pg.broadcast(t, 0).wait()
 
-    def receive(self) -> list[tuple[str, torch.Tensor]]:
-        """Other ranks: the next state dict rank 0 sends, as ``(name, tensor)`` on this device."""
+    def receive_specs(self) -> list[tuple[str, list[int], torch.dtype]]:
+        """Other ranks: the names, shapes and dtypes of the next state dict rank 0 sends (blocks
+        until rank 0 publishes them; parsed as JSON, checked to be plain values)."""
         self.version += 1
-        specs = json.loads(self.store.get(f"specs/{self.version}"))  # blocks until rank 0 publishes
+        specs = json.loads(self.store.get(f"specs/{self.version}"))
         out = []
         for name, shape, dtype in specs:
             dt = getattr(torch, str(dtype), None)
             if not isinstance(dt, torch.dtype):
                 raise ValueError(f"weight broadcast: {name!r} has an unknown dtype {dtype!r}")
-            t = torch.empty([int(s) for s in shape], dtype=dt, device=self.device)
-            self.pg.broadcast(t, 0).wait()
-            out.append((str(name), t))
+            out.append((str(name), [int(s) for s in shape], dt))
         return out
+
+    def receive_tensors(self, specs: list[tuple[str, list[int], torch.dtype]]) -> TensorStream:
+        """The tensors of ``specs``, received one broadcast per step (``TensorStream``)."""
+        return TensorStream(self, specs)
+
+    def receive(self) -> list[tuple[str, torch.Tensor]]:
+        """Other ranks: the next whole state dict rank 0 sends (small models, tests)."""
+        return list(self.receive_tensors(self.receive_specs()))
 
     def close(self) -> None:
         if self.store is not None:
@@ -348,6 +355,39 @@ class BroadcastGroup:
         if self.server is not None:
             self.server.close()
         self.pg, self.store, self.server = None, None, None
+
+
+class TensorStream:
+    """``(name, tensor)`` pairs on the group's device, each received when asked for: a consumer
+    that loads each before asking for the next (vLLM's ``load_weights``) holds one tensor at a
+    time, never the whole state dict (OpenRLHF and verl load the same way). ``drain`` takes, and
+    drops, whatever was not asked for (a refused dict, a load that failed half-way), so rank 0's
+    broadcasts complete and the group stays in step for the next sync."""
+
+    def __init__(self, group: BroadcastGroup, specs: list[tuple[str, list[int], torch.dtype]]):
+        self.group, self.specs, self.taken = group, specs, 0
+
+    def __iter__(self) -> TensorStream:
+        return self
+
+    def _next_tensor(self) -> tuple[str, torch.Tensor]:
+        name, shape, dt = self.specs[self.taken]
+        t = torch.empty(shape, dtype=dt, device=self.group.device)
+        self.group.pg.broadcast(t, 0).wait()
+        self.taken += 1
+        return name, t
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        if self.taken == len(self.specs):
+            raise StopIteration
+        return self._next_tensor()
+
+    def drain(self) -> int:
+        """Receive and drop the rest; returns how many tensors that was."""
+        left = len(self.specs) - self.taken
+        while self.taken < len(self.specs):
+            self._next_tensor()
+        return left
 
 
 class WeightReceiverExtension:
@@ -360,11 +400,17 @@ class WeightReceiverExtension:
         self._weight_group.join(host, port, token, rank_offset + getattr(self, "rank", 0), world_size, backend)
 
     def receive_weights(self, specs, tied_word_embeddings: bool) -> int:
-        """Receive one full state dict, check it against the engine's checkpoint (nothing is loaded
-        when it does not fit), load it. Returns the number of tensors."""
-        from rl.weight_sync import check_state_dict
+        """Receive one full state dict and load it tensor by tensor as it arrives; its names and
+        shapes are checked against the engine's checkpoint first (``specs``), and a dict that does
+        not fit is taken off the wire and refused with nothing loaded. Returns the number of tensors."""
+        from rl.weight_sync import check_shapes
 
-        items = self._weight_group.receive()
-        check_state_dict(dict(items), specs, tied_word_embeddings)
-        self.reload_weights(weights_iterator=items)
-        return len(items)
+        group = self._weight_group
+        arriving = group.receive_specs()
+        stream = group.receive_tensors(arriving)
+        try:
+            check_shapes({name: shape for name, shape, _ in arriving}, specs, tied_word_embeddings)
+            self.reload_weights(weights_iterator=stream)
+        finally:
+            stream.drain()  # what was not loaded (a refused dict): taken off the wire, dropped
+        return len(arriving)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -67,7 +67,7 @@ def checkpoint_tensor_specs(model_dir: str | os.PathLike) -> dict[str, tuple[int
 
 def check_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    specs: Mapping[str, tuple[int, ...]] | None,
+    specs: Mapping[str, Sequence[int]] | None,
     tied_word_embeddings: bool = False,
 ) -> None:
     """Raise ``WeightSyncError`` unless ``state_dict`` holds exactly the checkpoint's tensors, with
@@ -78,9 +78,22 @@ def check_state_dict(
     bad_types = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad_types:
         raise WeightSyncError(f"state dict values must be tensors; not for {bad_types[:5]}")
+    check_shapes({k: v.shape for k, v in state_dict.items()}, specs, tied_word_embeddings)
+
+
+def check_shapes(
+    shapes: Mapping[str, Sequence[int]],
+    specs: Mapping[str, Sequence[int]] | None,
+    tied_word_embeddings: bool = False,
+) -> None:
+    """``check_state_dict`` on names and shapes alone: what a receiver knows before any tensor
+    arrives (``rl.weight_broadcast`` publishes them first), so a dict that does not fit is refused
+    before the first tensor reaches the model."""
+    if not shapes:
+        raise WeightSyncError("empty state dict: nothing to load")
     if specs is None:
         return
-    keys = set(state_dict)
+    keys = set(shapes)
     unknown = {
         k for k in keys - set(specs)
         if not k.endswith(_IGNORABLE_SUFFIXES) and not (tied_word_embeddings and k == "lm_head.weight")
@@ -100,7 +113,9 @@ def check_state_dict(
             "a full HF-format state dict is required (partial updates of fused layers would "
             "leave vLLM's layers half-loaded)"
         )
-    wrong = [(k, tuple(state_dict[k].shape), specs[k]) for k in specs if tuple(state_dict[k].shape) != specs[k]]
+    # tuple(): specs that crossed into vLLM's engine-core process (collective_rpc arguments are
+    # msgpack-encoded on the way, on every GPU run) arrive with lists where tuples were sent
+    wrong = [(k, tuple(shapes[k]), tuple(specs[k])) for k in specs if tuple(shapes[k]) != tuple(specs[k])]
     if wrong:
         k, got, want = wrong[0]
         raise WeightSyncError(

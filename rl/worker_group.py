@@ -44,7 +44,7 @@ class DevicePool:
 
     @classmethod
     def create(cls, name: str, num_nodes: int, devices_per_node: int, use_gpu: bool,
-               cpus_per_bundle: float = 1.0, timeout_s: float = 120.0) -> "DevicePool":
+               cpus_per_bundle: float = 1.0, timeout_s: float = 120.0, strategy: str = "PACK") -> "DevicePool":
         ray = _ray()
         from ray.util.placement_group import placement_group
 
@@ -53,7 +53,8 @@ class DevicePool:
         n = num_nodes * devices_per_node
         bundle = {"CPU": cpus_per_bundle, **({"GPU": 1} if use_gpu else {})}
         # PACK fills a node before the next one, so the ranks of a multi-node group sit node by node
-        pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK", name=f"{name}_pool")
+        # (STRICT_PACK: all on one node, as a tensor-parallel vLLM engine needs)
+        pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name=f"{name}_pool")
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             have = ray.available_resources()

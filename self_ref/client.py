@@ -7,7 +7,8 @@
   bodies that are not the JSON of a completion; a ``Retry-After`` header (seconds or an HTTP date,
   capped at ``MAX_RETRY_AFTER``) sets the wait instead. Other 4xx are the caller's mistake: no retry.
   401 / 403 / 404 (bad key, no access, wrong model or URL) raise ``ServerUnusable`` at once: every
-  other request would get the same answer. 400 / 422 fail that request only; each status is
+  other request would get the same answer; so does lmdeploy's 400 for log-probs on a server started
+  without ``--logprobs-mode``. Other 400 / 422 fail that request only; each status is
   counted in ``stats.failures`` and the server's message is shown once (``stats.messages``).
 * Dead servers: when every server's latest connection attempts failed (refused, DNS, connect
   time-out), ``DEAD_AFTER_FAILURES`` per server in all over at least ``DEAD_AFTER_SECONDS``, with no
@@ -50,6 +51,7 @@ DEAD_AFTER_SECONDS = 1.0  # ... spanning at least this long, on every server: no
 MESSAGE_CHARS = 300
 NO_EXTENSION = (400, 422)  # a server without vLLM's request fields rejects them with these
 NO_ENDPOINT = (400, 401, 403, 404, 405, 422)  # ... and answers these for a route it lacks (/tokenize)
+LOGPROBS_OFF = "not enabled logprobs_mode"  # lmdeploy 0.16's 400 for log-probs unless --logprobs-mode
 
 
 class RequestFailed(RuntimeError):
@@ -382,6 +384,13 @@ class OpenAIClient:
                 self._set_fatal(self._fatal_status(server, response))
             if status >= 400:
                 message = server_message(response, self._secret)
+                if status == 400 and LOGPROBS_OFF in message:
+                    # lmdeploy's PyTorch backend refuses every request that asks for log-probs, as
+                    # every vote does: the same answer each time, so stop at once
+                    self._set_fatal(ServerUnusable(
+                        f"{server.base_url} refuses log-probs ({message}): an lmdeploy server on its PyTorch "
+                        "backend must be started with --logprobs-mode raw_logprobs (configs/judge_lmdeploy.md)",
+                        status=status))
                 self.note_failure(f"http_{status}", f"{url} answered {status_text(status)}", message)
                 raise RequestFailed(f"{status_text(status)} from {url}: {message}", status=status)
             try:

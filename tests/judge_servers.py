@@ -504,9 +504,12 @@ class NoExtensionsProxy(FaultProxy):
     ``/tokenize`` and ``/detokenize``; everything else is forwarded unchanged. ``refused`` counts
     the refusals per field / endpoint."""
 
-    def __init__(self, target: str, **kw):
+    def __init__(self, target: str, refuse_logprobs: bool = False, **kw):
         super().__init__(target, **kw)
         self.refused: dict[str, int] = {}
+        # lmdeploy 0.16's PyTorch backend started without --logprobs-mode: a request asking for
+        # logprobs / top_logprobs gets its 400, word for word (serve/openai/chat_completions/validation.py)
+        self.refuse_logprobs = refuse_logprobs
 
     async def _handle_request(self, request, writer: asyncio.StreamWriter) -> bool:
         method, target, headers, body, keep_alive = request
@@ -520,7 +523,12 @@ class NoExtensionsProxy(FaultProxy):
             except ValueError:
                 data = None
             found = sorted(set(data) & set(VLLM_EXTENSIONS)) if isinstance(data, dict) else []
-            if found:
+            asks_logprobs = isinstance(data, dict) and (data.get("logprobs") or (data.get("top_logprobs") or 0) > 0)
+            if self.refuse_logprobs and asks_logprobs:
+                refusal = 400, {"object": "error", "type": "invalid_request_error", "code": 400, "param": None,
+                                "message": f"Logprobs({data.get('logprobs')})/top_logprobs({data.get('top_logprobs') or 0}) "
+                                           "requested but not enabled logprobs_mode in engine configuration"}, "logprobs"
+            elif found:
                 refusal = 400, {"object": "error", "type": "invalid_request_error", "code": 400,
                                 "message": f"unsupported field(s): {', '.join(found)}"}, ",".join(found)
         if refusal is None:

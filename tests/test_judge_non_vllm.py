@@ -119,3 +119,20 @@ def test_labelling_without_vllm_extensions_uses_the_fallback(vllm_judge, tmp_pat
         pref = judged["preference"]
         assert row.get("reject_reason") == pref.reject_reason
         assert row["strength"] == pytest.approx(pref.strength, abs=1e-4)
+
+
+def test_an_lmdeploy_server_without_logprobs_mode_stops_the_run_with_the_flag_to_add(vllm_judge, tmp_path):
+    """lmdeploy's PyTorch backend refuses every request that asks for log-probs (HTTP 400) unless
+    started with --logprobs-mode; every vote asks for them. The labeller stops at the first
+    refusal with one line naming the flag, instead of failing pair after pair."""
+    from training.config import ConfigError
+
+    pairs_path = write_pairs(tmp_path / "pairs.jsonl", N_PAIRS, offset=80)
+    with NoExtensionsProxy(vllm_judge.base_url, refuse_logprobs=True) as proxy:
+        args = label_args(vllm_judge, pairs_path, tmp_path / "out.jsonl", base_url=proxy.base_url, max_tokens=0,
+                          reference_max_tokens=16, concurrency=N_PAIRS)
+        with pytest.raises(ConfigError, match=r"refuses log-probs .*not enabled logprobs_mode.* must be started with "
+                                              r"--logprobs-mode raw_logprobs"):
+            label_main(args)
+        refused = dict(proxy.refused)
+    assert 1 <= refused["logprobs"] <= N_PAIRS  # the pairs in flight at most, then nothing more was sent

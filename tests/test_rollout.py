@@ -77,12 +77,16 @@ def hf_engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
-    """A VLLMEngine inside a Ray actor on a private local Ray (never an existing cluster)."""
+    """A VLLMEngine inside a Ray actor on a private local Ray (never an existing cluster), with
+    its engine core in a process of its own, as on every GPU run (VLLM_ENABLE_V1_MULTIPROCESSING=1;
+    the CPU default runs it in the actor's process, which test_rl_e2e covers): every call that
+    crosses into it (``collective_rpc`` arguments, sampling parameters) is msgpack-encoded there."""
     if not has_vllm():
         pytest.skip("vLLM is not installed")
     ray = pytest.importorskip("ray")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+                                       "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
     try:
         engine = ray.remote(num_cpus=1)(VLLMEngine).remote(
             str(tiny_model_dir), prompt_max_len=PROMPT_MAX, generate_max_len=GEN_MAX, seed=0)
@@ -353,7 +357,9 @@ def test_vllm_weight_sync_and_stale_detector(vllm_engine, hf_model, actor, promp
     greedy = SamplingConfig(max_new_tokens=GEN_MAX).greedy()
     try:
         seconds = vllm_engine.update_weights(new_model.state_dict())  # through the Ray object store
-        print(f"\n[vllm] update_weights (in-process reload): {seconds * 1000:.0f} ms")
+        print(f"\n[vllm] update_weights (auto: disk, the engine core is another process): {seconds * 1000:.0f} ms")
+        with pytest.raises(ValueError, match="transport 'inprocess' needs VLLM_ENABLE_V1_MULTIPROCESSING=0"):
+            vllm_engine.update_weights(new_model.state_dict(), transport="inprocess")
         groups = vllm_engine.generate(prompts, sampling)
         gap_new = logprob_gap(groups, actor_logprobs(new_actor, groups, 1.0))
         gap_old = logprob_gap(groups, actor_logprobs(actor, groups, 1.0))
@@ -386,9 +392,11 @@ def test_vllm_weight_sync_and_stale_detector(vllm_engine, hf_model, actor, promp
 
 def test_vllm_weight_broadcast_from_a_gloo_group(vllm_engine, hf_model, actor, prompts):
     """--weight_sync broadcast on CPU: this process, as the actor's rank 0, broadcasts a state dict
-    over gloo to the engine's worker (the NCCL path on GPUs is the same code); the engine then
-    samples with the new weights. A dict that does not fit arrives, is refused, and leaves the
-    engine serving its current weights."""
+    over gloo to the engine's worker, which runs in the engine core's own process as on GPUs (the
+    NCCL path is the same code; the checkpoint's shapes reach it through msgpack, which turns
+    tuples into lists: the first GPU sync used to stop there); the engine then samples with the
+    new weights. A dict that does not fit arrives, is refused, and leaves the engine serving its
+    current weights, and the next sync works."""
     from rl.weight_broadcast import BroadcastGroup
 
     ray, handle = vllm_engine.ray, vllm_engine.handle

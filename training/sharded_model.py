@@ -27,6 +27,7 @@ import torch
 
 from models.fsdp import full_state_dict, save_hf_pretrained, shard_model
 from models.lora import LoraSpec, add_lora, merge_lora, parameter_counts, save_adapter
+from models.varlen_attention import needs_half_precision
 from training.batches import split_global_batch
 from training.checkpoint import load_model_state, save_model_state
 from training.optim import build_optimizer, build_scheduler
@@ -50,7 +51,7 @@ class OptimSpec:
 def load_dtype(bf16: bool, trainable: bool) -> torch.dtype:
     """bf16 weights for a frozen model under --bf16: its forward is bf16 either way (FSDP's mixed
     precision casts fp32 weights to the same bf16 values), at half the memory. A trainable model
-    keeps fp32 master weights."""
+    keeps fp32 master weights, also under flash-attn (``ShardedModel`` computes in bf16 then)."""
     return torch.bfloat16 if bf16 and not trainable else torch.float32
 
 
@@ -70,7 +71,11 @@ class ShardedModel:
         self.lora_config = add_lora(self.hf_model, lora) if lora is not None else None
         # before sharding (after it, parameters are this rank's shards)
         self.num_trainable_parameters, self.num_parameters = parameter_counts(self.module)
-        shard_model(self.module, zero_stage=zero_stage, device=env.device, bf16=bf16,
+        # One dtype policy for every model: weights as loaded (fp32 masters when it trains), bf16
+        # compute by FSDP2's mixed precision under --bf16 and whenever the attention kernels take
+        # half precision only (flash-attn, selected automatically on CUDA)
+        self.bf16 = bf16 or needs_half_precision(self.hf_model)
+        shard_model(self.module, zero_stage=zero_stage, device=env.device, bf16=self.bf16,
                     gradient_checkpointing=gradient_checkpointing and optim is not None, hf_model=self.hf_model)
         self.optimizer = self.scheduler = None
         if optim is None:

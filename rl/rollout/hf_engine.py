@@ -69,6 +69,8 @@ class HFEngine(EngineBase):
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                            "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+            if torch_dtype == torch.float32:  # an inference-only model: fp32 asked means no flash-attn (bf16 only)
+                model_kwargs.setdefault("flash_attn", False)
             model = load_hf_model(AutoModelForCausalLM, self.model_dir, dtype=torch_dtype, device=device,
                                   **model_kwargs).to(device)
         self.model = model.eval()

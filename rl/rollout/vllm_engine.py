@@ -77,8 +77,8 @@ class VLLMEngine(EngineBase):
     Built with this machine's settings (``serving.vllm_settings``). Without CUDA: float32 unless
     asked, eager mode, whole-prompt prefills, the engine core in this process and
     ``cpu_kvcache_space_gb`` GiB of KV cache (environment values already set win). With CUDA:
-    ``dtype`` (default bfloat16), ``gpu_memory_utilization`` and ``tensor_parallel_size``. Extra keyword arguments go to
-    ``vllm.LLM``.
+    ``dtype`` (default bfloat16), ``gpu_memory_utilization`` and ``tensor_parallel_size``. ``cuda``
+    overrides the detection (None: this process sees a GPU). Extra keyword arguments go to ``vllm.LLM``.
     """
 
     def __init__(
@@ -95,6 +95,7 @@ class VLLMEngine(EngineBase):
         enable_prefix_caching: bool = True,
         logprobs_mode: str = "processed_logprobs",
         cpu_kvcache_space_gb: int = 1,
+        cuda: bool | None = None,
         **llm_kwargs: Any,
     ):
         check_lengths(prompt_max_len, generate_max_len)
@@ -105,7 +106,9 @@ class VLLMEngine(EngineBase):
         self.prompt_max_len, self.generate_max_len = prompt_max_len, generate_max_len
         self.tensor_parallel_size = tensor_parallel_size
         self.logprobs_mode = logprobs_mode
-        self.cuda = cuda_available()
+        # None: whether this process sees a GPU. A tensor-parallel engine's actor holds none of the
+        # GPUs its vLLM workers run on (rl.cluster.start_engines) and is told so with cuda=True.
+        self.cuda = cuda_available() if cuda is None else cuda
         require_vllm()
         if not self.cuda:
             set_cpu_engine_env(cpu_kvcache_space_gb)  # before vLLM is imported: it reads them once
