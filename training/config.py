@@ -278,10 +278,10 @@ def merge_layers(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> dict[st
                 for other in [o for o, g in groups.items() if g == group and o != name and o in values]:
                     if source[other] == where:
                         continue
-                    dropped = values.pop(other)
+                    dropped, dropped_from = values.pop(other), source.pop(other)
                     if dropped != _default(fields_by_name[other]) and os.environ.get("RANK", "0") == "0":
                         print(f"[config] --{name} from {where} replaces {other}: {_show(dropped)} from "
-                              f"{source.pop(other)} (alternatives: give one)", flush=True)
+                              f"{dropped_from} (alternatives: give one)", flush=True)
             values[name], source[name] = value, where
     return values
 
