@@ -451,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     stages = build_stages(cfg, out)
     if cfg.dry_run:
         print(f"demo --dry_run: {cfg.model}, {cfg.algo}; each stage's command checks its options, nothing runs")
-        checks = check_stages(stages, ROOT, cfg.until)
+        try:
+            checks = check_stages(stages, ROOT, cfg.until)
+        except KeyboardInterrupt:
+            print("\ninterrupted: the dry run stopped (it runs nothing, so there is nothing to resume)", file=sys.stderr)
+            return 130
         for check in checks:
             print("\n".join(check.lines()))
         failed = [c.name for c in checks if not c.ok]

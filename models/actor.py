@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from models.packing import PackedBatch, PaddedBatch
 
 Batch = PackedBatch | PaddedBatch
-from models.varlen_attention import needs_half_precision, select_attn_implementation  # noqa: F401 (re-exported)
+from models.varlen_attention import select_attn_implementation
 
 
 @dataclass

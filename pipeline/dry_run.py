@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from pipeline.stage import Stage
 from training.config import PENDING_PATHS_ENV
 
 TORCHRUN = ["-m", "torch.distributed.run"]
+_RUNNING: set[subprocess.Popen] = set()  # the checks in flight (killed on Ctrl-C)
+_LOCK = threading.Lock()
 TORCHRUN_SWITCHES = {"--standalone", "--no-python", "--no_python", "--module", "-m", "--run-path", "--run_path"}
 
 
@@ -90,20 +93,28 @@ def check_stage(stage: Stage, pending: list[Path], cwd: Path, timeout: float = 3
         return failed(f"the judge server's model {stage.server.model_dir}: no such folder, and no earlier stage writes it")
     command, env = dry_run_command(stage.command)
     env = {**os.environ, **stage.env, **env, PENDING_PATHS_ENV: os.pathsep.join(str(p) for p in pending)}
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    with _LOCK:
+        _RUNNING.add(proc)
     try:
-        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return failed(f"the dry run did not finish in {timeout:.0f} s")
+    finally:
+        with _LOCK:
+            _RUNNING.discard(proc)
     ok = proc.returncode == 0
-    message = _said(proc.stdout if ok else proc.stderr + "\n" + proc.stdout, ok)
+    message = _said(stdout if ok else stderr + "\n" + stdout, ok)
     if ok and not message.startswith("[dry_run]"):
         return failed(f"exit status 0 without a [dry_run] line (does the entry point take --dry_run?): {message}")
     if not ok:
         message = f"exit status {proc.returncode}: {message}"
     if ok and stage.server is not None:
         message += f" (judge server for {stage.server.model_dir} not started)"
-    notes = [ln.strip() for ln in proc.stdout.splitlines() if ln.startswith("[config]")]
+    notes = [ln.strip() for ln in stdout.splitlines() if ln.startswith("[config]")]
     return StageCheck(stage.name, ok, time.monotonic() - t0, message, notes)
 
 
@@ -112,6 +123,15 @@ def check_stages(stages: list[Stage], cwd: Path, until: str | None = None, worke
     names = [s.name for s in stages]
     stages = stages[: names.index(until) + 1] if until else stages
     pending = [[p for earlier in stages[:k] for p in earlier.outputs] for k in range(len(stages))]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = [pool.submit(check_stage, s, pending[k], Path(cwd)) for k, s in enumerate(stages)]
         return [f.result() for f in futures]
+    except KeyboardInterrupt:  # Ctrl-C: stop the checks still running, start no more
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _LOCK:
+            for proc in _RUNNING:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)

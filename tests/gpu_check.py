@@ -122,37 +122,33 @@ class Checks:
             raise CheckFailed(f"flash-attn vs SDPA varlen log-probs differ by {diff:.3g} (bf16; limit 0.05)")
         return f"max |log-prob diff| flash vs SDPA {diff:.2e} on {len(rows)} packed samples (bf16)"
 
+    def _train(self, name: str, script: str, dataset: str) -> list[dict]:
+        """``script`` on NCCL for 3 steps (bf16 mixed precision), config ``configs/{name}_tiny.yaml``;
+        returns its metrics rows."""
+        run(torchrun(self.ranks, script, "--config", f"configs/{name}_tiny.yaml", "--pretrain", str(self.tiny),
+                     "--dataset", dataset, "--max_steps", "3", "--logging_steps", "1", "--bf16",
+                     "--save_path", str(self.out / name), "--logging_path", str(self.out / "logs" / name)),
+            self.out / "logs" / f"{name}.log", 300)
+        if not (self.out / name / "config.json").exists():
+            raise CheckFailed(f"no HF folder at {self.out / name}")
+        return metrics(self.out / "logs" / name)
+
     def sft_nccl(self) -> str:
-        save = self.out / "sft"
-        run(torchrun(self.ranks, "train_sft.py", "--config", "configs/sft_tiny.yaml", "--pretrain", str(self.tiny),
-                     "--dataset", "models/assets/tiny_chat_corpus.jsonl", "--max_steps", "3", "--logging_steps", "1",
-                     "--bf16", "--save_path", str(save), "--logging_path", str(self.out / "logs" / "sft")),
-            self.out / "logs" / "sft.log", 300)
-        rows = [r for r in metrics(self.out / "logs" / "sft") if "loss" in r]
+        rows = [r for r in self._train("sft", "train_sft.py", "models/assets/tiny_chat_corpus.jsonl") if "loss" in r]
         if len(rows) < 3 or not all(r["loss"] == r["loss"] and r["processed_tokens_per_s"] > 0 for r in rows):
             raise CheckFailed(f"expected 3 logged steps with finite loss, got {rows}")
-        if not (save / "config.json").exists():
-            raise CheckFailed(f"no HF folder at {save}")
         losses = ", ".join(f"{r['loss']:.3f}" for r in rows)
         return f"{self.ranks} rank(s), losses {losses}"
 
     def rm_nccl(self) -> str:
-        run(torchrun(self.ranks, "train_rm_llama2.py", "--config", "configs/rm_tiny.yaml", "--pretrain", str(self.tiny),
-                     "--dataset", str(self.pairs), "--max_steps", "3", "--bf16", "--save_path", str(self.out / "rm"),
-                     "--logging_path", str(self.out / "logs" / "rm")),
-            self.out / "logs" / "rm.log", 300)
-        rows = [r for r in metrics(self.out / "logs" / "rm") if "loss" in r]
-        evals = [r for r in metrics(self.out / "logs" / "rm") if "eval_acc" in r]
-        if len(rows) < 3 or not evals:
-            raise CheckFailed(f"expected 3 steps and an evaluation, got {len(rows)} steps, {len(evals)} evaluations")
-        return f"log-exp + LM loss, {len(rows)} steps, eval accuracy {evals[-1]['eval_acc']:.2f}"
+        rows = self._train("rm", "train_rm_llama2.py", str(self.pairs))
+        steps, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_acc" in r]
+        if len(steps) < 3 or not evals:
+            raise CheckFailed(f"expected 3 steps and an evaluation, got {len(steps)} steps, {len(evals)} evaluations")
+        return f"log-exp + LM loss, {len(steps)} steps, eval accuracy {evals[-1]['eval_acc']:.2f}"
 
     def dpo_nccl(self) -> str:
-        run(torchrun(self.ranks, "train_dpo.py", "--config", "configs/dpo_tiny.yaml", "--pretrain", str(self.tiny),
-                     "--dataset", str(self.pairs), "--max_steps", "3", "--bf16", "--save_path", str(self.out / "dpo"),
-                     "--logging_path", str(self.out / "logs" / "dpo")),
-            self.out / "logs" / "dpo.log", 300)
-        evals = [r for r in metrics(self.out / "logs" / "dpo") if "eval_acc" in r]
+        evals = [r for r in self._train("dpo", "train_dpo.py", str(self.pairs)) if "eval_acc" in r]
         if not evals:
             raise CheckFailed("no evaluation row (its all-reduce)")
         return f"eval accuracy {evals[-1]['eval_acc']:.2f}, margin {evals[-1]['eval_reward_margin']:.4f}"

@@ -271,6 +271,7 @@ def merge_layers(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> dict[st
     groups = {name: f.metadata["one_of"] for name, f in fields_by_name.items() if "one_of" in f.metadata}
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
+    replaced: dict[str, str] = {}  # field -> the line saying which flag replaced its value
     for where, layer in layers:
         for name, value in layer.items():
             group = groups.get(name)
@@ -279,10 +280,14 @@ def merge_layers(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> dict[st
                     if source[other] == where:
                         continue
                     dropped, dropped_from = values.pop(other), source.pop(other)
-                    if dropped != _default(fields_by_name[other]) and os.environ.get("RANK", "0") == "0":
-                        print(f"[config] --{name} from {where} replaces {other}: {_show(dropped)} from "
-                              f"{dropped_from} (alternatives: give one)", flush=True)
+                    if dropped != _default(fields_by_name[other]):
+                        replaced[other] = (f"[config] --{name} from {where} replaces {other}: {_show(dropped)} "
+                                           f"from {dropped_from} (alternatives: give one)")
             values[name], source[name] = value, where
+    if os.environ.get("RANK", "0") == "0":
+        for other, line in replaced.items():
+            if other not in values:  # not set again later (then the checks report the conflict)
+                print(line, flush=True)
     return values
 
 
