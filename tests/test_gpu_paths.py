@@ -217,13 +217,15 @@ def test_the_broadcast_receiver_holds_one_tensor_at_a_time_and_drains_what_it_re
     try:
         sending = send()
         stream = receiver.receive_tensors(receiver.receive_specs())
-        alive, values = [], {}
-        for name, tensor in stream:  # as vLLM's load_weights consumes it
+        alive, values, most_alive = [], {}, 0
+        for name, tensor in stream:  # as vLLM's load_weights consumes it: copy, let go
             values[name] = tensor.clone()
             alive.append(weakref.ref(tensor))
             del tensor
-            assert sum(r() is not None for r in alive) == 0  # the stream kept none of them
+            # the stream keeps none; gloo's worker thread may still hold the last broadcast's tensor
+            most_alive = max(most_alive, sum(r() is not None for r in alive))
         sending.join(timeout=60)
+        assert most_alive <= 2, f"{most_alive} of {len(state)} received tensors alive at once"
         assert values.keys() == state.keys() and all(torch.equal(values[k], state[k]) for k in state)
 
         sending = send()  # refused after two tensors: the rest is drained, the sender finishes
