@@ -3,6 +3,7 @@ model on a fixed global batch, then full and sharded saves, a sharded reload and
 ``--bf16``: the same under the bf16 mixed-precision policy (test_bf16.py)."""
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -67,5 +68,10 @@ def main():
     torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":
+def run() -> None:
     main()
+    gc.collect()  # FSDP's cycles hold the gloo group: freed now, not at interpreter shutdown (training.cli.run_cli)
+
+
+if __name__ == "__main__":
+    run()
