@@ -24,9 +24,9 @@ from pipeline.stage import Stage
 from training.config import PENDING_PATHS_ENV
 
 TORCHRUN = ["-m", "torch.distributed.run"]
+TORCHRUN_SWITCHES = {"--standalone", "--no-python", "--no_python", "--module", "-m", "--run-path", "--run_path"}
 _RUNNING: set[subprocess.Popen] = set()  # the checks in flight (killed on Ctrl-C)
 _LOCK = threading.Lock()
-TORCHRUN_SWITCHES = {"--standalone", "--no-python", "--no_python", "--module", "-m", "--run-path", "--run_path"}
 
 
 @dataclass
@@ -48,10 +48,14 @@ def dry_run_command(command: list[str]) -> tuple[list[str], dict[str, str]]:
     --dry_run`` as rank 0 of ``nnodes x nproc_per_node`` ranks."""
     if command[1:3] != TORCHRUN:
         return [*command, "--dry_run"], {}
-    nproc, nnodes, i = 1, 1, 3
+    nproc, nnodes, i, launch = 1, 1, 3, [command[0]]
     while i < len(command) and command[i].startswith("-"):
         flag, eq, value = command[i].partition("=")
         if flag in TORCHRUN_SWITCHES:
+            if flag in ("-m", "--module"):
+                launch = [command[0], "-m"]  # the target is a module
+            elif flag in ("--no-python", "--no_python"):
+                launch = []  # the target is an executable
             i += 1
             continue
         if not eq:
@@ -63,7 +67,7 @@ def dry_run_command(command: list[str]) -> tuple[list[str], dict[str, str]]:
             nnodes = int(value.split(":")[-1])  # elastic MIN:MAX: the most ranks the run can have
     world = nproc * nnodes
     env = {"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(nproc)}
-    return [command[0], *command[i:], "--dry_run"], env
+    return [*launch, *command[i:], "--dry_run"], env
 
 
 def _said(output: str, ok: bool) -> str:

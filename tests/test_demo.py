@@ -284,6 +284,8 @@ def test_dry_run_fails_with_the_stage_and_the_entry_points_line(tmp_path):
         [PY, "train_rm_llama2.py", "--config", "c.yaml", "--dry_run"],
         {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
     assert dry_run_command([PY, "-m", "self_ref.label", "--x", "1"]) == ([PY, "-m", "self_ref.label", "--x", "1", "--dry_run"], {})
+    assert dry_run_command([PY, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "pkg.train", "--a"])[0] == \
+        [PY, "-m", "pkg.train", "--a", "--dry_run"]
 
 
 def test_demo_dry_run_prints_one_line_per_stage_and_runs_nothing(tmp_path):
