@@ -194,8 +194,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else None)
+        default = _default(f)
         help_text = f.metadata.get("help", "")
         if _list_element(tp) is not None:
             help_text = f"{help_text}; comma-separated" if help_text else "comma-separated"
