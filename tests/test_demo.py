@@ -20,17 +20,21 @@ PY = sys.executable
 def test_force_accepts_all_names_and_nothing():
     assert parse_stage_list([]) == set()
     assert parse_stage_list(["all"]) == set(demo.STAGE_NAMES)
+    assert parse_stage_list(["all"], "remax", "tiny") == set(demo.STAGE_NAMES) - {"judge_model"}
     assert parse_stage_list(["rm", "rl"]) == {"rm", "rl"}
     assert parse_config(DemoConfig, ["--force", " rm , rl ,"]).force == ["rm", "rl"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are model, sft, generate, judge, label, rm, rl, compare (or all)"),
+    (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are model, judge_model, sft, generate, judge, label, rm, rl, compare (or all)"),
     (["--force", "all,rm"], "unknown stage(s) all"),
-    (["--until", "ppo"], "--until must be one of model, sft, generate, judge, label, rm, rl, compare, got 'ppo'"),
+    (["--until", "ppo"], "--until must be one of model, judge_model, sft, generate, judge, label, rm, rl, compare, got 'ppo'"),
     (["--algo", "grpo"], "--algo must be one of remax, ppo, dpo, got 'grpo'"),
-    (["--algo", "dpo", "--until", "rm"], "--until must be one of model, sft, generate, judge, label, dpo, compare, got 'rm'"),
-    (["--algo", "dpo", "--force", "rl"], "--force: unknown stage(s) rl; stages are model, sft, generate, judge, label, dpo, compare"),
+    (["--algo", "dpo", "--until", "rm"], "--until must be one of model, judge_model, sft, generate, judge, label, dpo, compare, got 'rm'"),
+    (["--algo", "dpo", "--force", "rl"], "--force: unknown stage(s) rl; stages are model, judge_model, sft, generate, judge, label, dpo, compare"),
+    (["--model", "tiny", "--until", "judge_model"], "--until must be one of model, sft, generate, judge, label, rm, rl, compare"),  # the SFT policy judges
+    (["--profile", "huge"], "--profile must be one of default, full, got 'huge'"),
+    (["--profile", "full", "--model", "tiny"], "--profile full is defined for --model smollm2, not tiny"),
     (["--prompts", "no/such/prompts.jsonl"], "--prompts no/such/prompts.jsonl: no such file"),
     (["--model", "gpt2"], "--model must be one of smollm2, tiny, got 'gpt2'"),
 ])
@@ -44,7 +48,7 @@ def test_bad_options_name_the_flag(argv, message):
 def test_stage_commands_follow_the_algorithm(tmp_path, model):
     remax = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--model", model]), tmp_path)}
     ppo = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", "ppo"]), tmp_path)}
-    assert list(remax) == list(demo.STAGE_NAMES)
+    assert list(remax) == list(demo.stage_names("remax", model))
     assert all(s.command[0] == PY for s in remax.values())
     rl = remax["rl"].command
     assert rl[1:4] == ["fsdp_ppo_ray.py", "--config", f"configs/remax_{model}.yaml"] and "--advantage_estimator" not in rl
@@ -59,9 +63,14 @@ def test_stage_commands_follow_the_algorithm(tmp_path, model):
         assert stage.server is remax["judge"].server and stage.server.port == 23333
         assert stage.command[stage.command.index("--base_url") + 1] == stage.server.base_url
         assert stage.command[stage.command.index("--model") + 1] == stage.server.model
-    # a random tiny model cannot judge as it ships: its SFT policy does; the real model judges as shipped
+    # a random tiny model cannot judge as it ships: its SFT policy does; SmolLM2 is judged by a
+    # stronger packaged model, installed by its own stage, never by the policy itself
     judge_dir = remax["judge"].server.model_dir
-    assert judge_dir == (str(tmp_path / "sft") if model == "tiny" else str(demo.from_root(demo.PACKAGED_MODEL_DIR)))
+    if model == "tiny":
+        assert judge_dir == str(tmp_path / "sft") and "judge_model" not in remax
+    else:
+        assert judge_dir == str(demo.from_root(demo.MODELS_DIR / "qwen2.5-coder-0.5b")) != str(demo.from_root(demo.PACKAGED_MODEL_DIR))
+        assert remax["judge_model"].command[1:] == ["-m", "models.packaged", "qwen2.5-coder-0.5b", judge_dir]
     # compare starts the same judge itself, after generating, with the same judge settings as label
     compare, label = remax["compare"].command, remax["label"].command
     assert remax["compare"].server is None
@@ -95,7 +104,7 @@ def test_summary_reads_the_artefacts(tmp_path):
         {"step": 1, "reward_mean": -1.5, "kl": 0.0},
         {"step": 2, "reward_mean": -1.0, "kl": 0.25, "eval_reward_mean": -0.5},
     ]))
-    results = [demo.StageResult(n, "ran", 1.0, None) for n in demo.STAGE_NAMES]
+    results = [demo.StageResult(n, "ran", 1.0, None) for n in demo.stage_names("remax", "tiny")]
     tiny = parse_config(DemoConfig, ["--model", "tiny"])
     table = demo.summary_table(results, out, tiny, 6.0)
     assert f"3 kept, 1 rejected -> {prefs}" in table
@@ -133,7 +142,7 @@ def test_summary_reads_the_artefacts(tmp_path):
     assert "has no 'kl'" in table
 
     # stages this invocation did not reach report nothing from (possibly stale) files
-    partial = [demo.StageResult(n, "ran" if n in ("model", "sft") else "not run", None, None) for n in demo.STAGE_NAMES]
+    partial = [demo.StageResult(n, "ran" if n in ("model", "sft") else "not run", None, None) for n in demo.stage_names("remax", "tiny")]
     table = demo.summary_table(partial, out, tiny, 1.0)
     assert "- (label not run)" in table and "- (rm not run)" in table and "- (rl not run)" in table
     assert demo.missing_figures(table) == []  # --until sft: nothing later was due
@@ -142,7 +151,7 @@ def test_summary_reads_the_artefacts(tmp_path):
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
 def test_algo_dpo_trains_the_policy_on_the_labels_in_place_of_rm_and_rl(tmp_path, model):
     stages = {s.name: s for s in demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", "dpo"]), tmp_path)}
-    assert list(stages) == list(demo.DPO_STAGE_NAMES)
+    assert list(stages) == list(demo.stage_names("dpo", model))
     dpo = stages["dpo"].command
     assert "train_dpo.py" in dpo and dpo[dpo.index("train_dpo.py") + 1:dpo.index("train_dpo.py") + 3] == ["--config", f"configs/dpo_{model}.yaml"]
     assert (demo.ROOT / f"configs/dpo_{model}.yaml").is_file()
@@ -159,11 +168,11 @@ def test_the_summary_of_a_dpo_run(tmp_path):
     (tmp_path / "logs" / "dpo" / "metrics.jsonl").write_text(
         json.dumps({"step": 4, "loss": 0.6}) + "\n" + json.dumps({"step": 4, "eval_acc": 0.6364, "eval_reward_margin": 0.0139}) + "\n")
     cfg = parse_config(DemoConfig, ["--model", "tiny", "--algo", "dpo"])
-    results = [demo.StageResult(n, "ran" if n in ("model", "sft", "dpo") else "not run", 1.0, None) for n in demo.DPO_STAGE_NAMES]
+    results = [demo.StageResult(n, "ran" if n in ("model", "sft", "dpo") else "not run", 1.0, None) for n in demo.stage_names("dpo", "tiny")]
     table = demo.summary_table(results, tmp_path, cfg, 3.0)
     assert "DPO eval accuracy" in table and "0.636, reward margin 0.0139 on held-out pairs (step 4)" in table
     assert "RM eval accuracy" not in table and "reward before -> after RL" not in table
-    assert "model, algorithm" in table and "tiny, dpo" in table
+    assert "policy, algorithm" in table and "tiny, dpo, --profile default" in table
 
 
 def test_the_tiny_sft_stage_runs_with_one_torch_thread(tmp_path):
@@ -223,41 +232,43 @@ def test_report_after_dpo_plots_dpo_in_place_of_rm_and_rl(tmp_path):
 
 # --- the dry run: every stage's command, checked by its own entry point ------------------------
 
-COMBINATIONS = [(model, algo) for model in demo.PROFILES for algo in demo.ALGOS]
+COMBINATIONS = [(model, algo, "default") for model in demo.PROFILES for algo in demo.ALGOS] + \
+    [(model, algo, "full") for model in demo.FULL_PROFILE for algo in demo.ALGOS]
 
 
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
-    """``check_stage`` for every stage of every --model x --algo, each distinct command (with the
+    """``check_stage`` for every stage of every --model x --algo x --profile, each distinct command (with the
     same earlier outputs) checked once: sft, generate, judge and label are the same for the three
-    algorithms. {(model, algo): [StageCheck, ...]} in stage order."""
+    algorithms. {(model, algo, profile): [StageCheck, ...]} in stage order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.dry_run import check_stage
 
     out = tmp_path_factory.mktemp("demo_dry_run")
     plans, unique = {}, {}
-    for model, algo in COMBINATIONS:
-        stages = demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", algo]), out / model)
+    for model, algo, profile in COMBINATIONS:
+        stages = demo.build_stages(parse_config(DemoConfig, ["--model", model, "--algo", algo, "--profile", profile]),
+                                   out / model)
         plan = []
         for k, stage in enumerate(stages):
             pending = [p for earlier in stages[:k] for p in earlier.outputs]
             key = (tuple(stage.command), tuple(sorted(stage.env.items())), tuple(map(str, pending)))
             unique.setdefault(key, (stage, pending))
             plan.append(key)
-        plans[model, algo] = plan
+        plans[model, algo, profile] = plan
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = dict(zip(unique, pool.map(lambda sp: check_stage(sp[0], sp[1], demo.ROOT), unique.values())))
     return {combo: [done[key] for key in plan] for combo, plan in plans.items()}
 
 
-@pytest.mark.parametrize("model, algo", COMBINATIONS)
-def test_dry_run_of_every_stage_passes_its_entry_points_checks(dry_runs, model, algo):
+@pytest.mark.parametrize("model, algo, profile", COMBINATIONS)
+def test_dry_run_of_every_stage_passes_its_entry_points_checks(dry_runs, model, algo, profile):
     """A config, flag or check change that would stop the main job (as `eval_split: 0.1` in the RL
     YAML next to the demo's --eval_prompt_data once did, at the rl stage after 19 minutes) fails
     here in seconds: each stage's command as the run builds it, checked by its entry point."""
-    checks = dry_runs[model, algo]
-    assert [c.name for c in checks] == list(demo.stage_names(algo))
+    checks = dry_runs[model, algo, profile]
+    assert [c.name for c in checks] == list(demo.stage_names(algo, model))
     for c in checks:
         assert c.ok and c.message.startswith("[dry_run] "), f"{model}/{algo} stage {c.name}: {c.message}"
     by_name = {c.name: c for c in checks}
@@ -276,7 +287,7 @@ def test_dry_run_fails_with_the_stage_and_the_entry_points_line(tmp_path):
     bad = Stage("label", "labels", [PY, "-m", "self_ref.label", "--input", "data/judge_truth_set.jsonl",
                                      "--output", str(tmp_path / "prefs.jsonl"), "--model", "judge", "--num_votes", "0"], [tmp_path / "prefs.jsonl"])
     check = check_stage(bad, [], demo.ROOT)
-    assert not check.ok and check.lines()[0].startswith("label     FAILED")
+    assert not check.ok and check.lines()[0].startswith("label       FAILED")
     assert "exit status 2: error: --num_votes must be >= 1, got 0" in check.message
     # a torchrun command is checked as rank 0 of its world; other commands just get the flag
     assert dry_run_command([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--nnodes=1:2",
@@ -300,3 +311,13 @@ def test_demo_dry_run_prints_one_line_per_stage_and_runs_nothing(tmp_path):
     assert [ln.split()[:2] for ln in lines[1:4]] == [["model", "ok"], ["sft", "ok"], ["generate", "ok"]]
     assert lines[-1] == "dry run: 3 of 3 stages ok"
     assert not out.exists()  # nothing ran: not even the output folder was made
+
+
+def test_the_full_profile_labels_every_prompt_and_trains_longer(tmp_path):
+    default = {s.name: s.command for s in demo.build_stages(parse_config(DemoConfig, []), tmp_path)}
+    full = {s.name: s.command for s in demo.build_stages(parse_config(DemoConfig, ["--profile", "full"]), tmp_path)}
+    assert "--limit" in default["generate"] and "--limit" not in full["generate"]  # all 416 training prompts
+    assert "--limit" in default["compare"] and "--limit" not in full["compare"]  # all held-out prompts
+    assert full["rl"][:len(default["rl"])] == default["rl"]  # the same command, sizes as flags after it
+    assert full["rl"][len(default["rl"]):] == ["--max_iterations", "24", "--eval_steps", "6", "--max_eval_prompts", "32"]
+    assert full["judge"] == default["judge"] and full["label"] == default["label"]  # the same judge
