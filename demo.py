@@ -18,6 +18,7 @@ Stages, each one plain command printed before it runs (copy it to re-run or swap
     label       the same server + python -m self_ref.label ...      self-reference preferences
     rm          python -m torch.distributed.run (torchrun) --standalone --nproc_per_node 2
                   train_rm_llama2.py ...                            reward model, FSDP + packing
+    rm_eval     python -m self_ref.evaluate --reward_model ...      the reward model on the truth set
     rl          python fsdp_ppo_ray.py ...                          ReMax or PPO on Ray
     compare     python -m self_ref.compare_policies ...             the judge: RL vs SFT on held-out prompts
 
@@ -61,7 +62,7 @@ from training.cli import run_cli
 from training.config import ConfigError, check_fields, parse_config
 
 ROOT = Path(__file__).resolve().parent
-STAGE_NAMES = ("model", "judge_model", "sft", "generate", "judge", "label", "rm", "rl", "compare")
+STAGE_NAMES = ("model", "judge_model", "sft", "generate", "judge", "label", "rm", "rm_eval", "rl", "compare")
 DPO_STAGE_NAMES = ("model", "judge_model", "sft", "generate", "judge", "label", "dpo", "compare")  # --algo dpo: no RM, no RL
 ALGOS = ("remax", "ppo", "dpo")
 MODELS_DIR = ROOT / "out" / "models"  # packaged models, converted once, shared by every --out (and the tests)
@@ -209,22 +210,28 @@ def parse_stage_list(names: list[str], algo: str = "remax", model: str = "smollm
 
 @dataclass(frozen=True)
 class Artefacts:
-    """Where each stage writes, under ``--out``."""
+    """Where each stage writes, under ``--out``. ``--algo dpo`` keeps its policy, comparison,
+    summary and report beside RL's (``*_dpo``): both train on the same labels in one folder."""
 
     out: Path
+    algo: str = "remax"
 
     def __getattr__(self, name: str) -> Path:
         paths = {"sft": "sft", "pairs": "pairs.jsonl", "judge_eval": "judge_eval.json", "prefs": "prefs.jsonl",
-                 "rm": "rm", "policy": "policy", "compare": "compare", "logs": "logs", "report": "report.md"}
+                 "rm": "rm", "rm_eval": "rm_eval.json", "policy": "policy", "compare": "compare", "logs": "logs",
+                 "summary": "summary.txt", "report": "report.md"}
         if name not in paths:
             raise AttributeError(name)
+        if self.algo == "dpo" and name in ("policy", "compare", "summary", "report"):
+            stem, dot, suffix = paths[name].partition(".")
+            return self.out / f"{stem}_dpo{dot}{suffix}"
         return self.out / paths[name]
 
 
 def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     py = sys.executable
     p = profile_of(cfg.model, cfg.profile)
-    a = Artefacts(out)
+    a = Artefacts(out, cfg.algo)
     logs = a.logs
     prompts = cfg.prompts or p.train_prompts
     if cfg.model == "tiny":
@@ -256,6 +263,12 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
                "--config", f"configs/rm_{cfg.model}.yaml", "--pretrain", str(a.sft), "--dataset", str(a.prefs),
                "--save_path", str(a.rm), "--logging_path", str(logs / "rm"), "--packing_samples", "--eval_split", "0.25"],
               [a.rm, logs / "rm"]),
+        # What the labels taught the RM, on pairs whose better response is known (the judge's
+        # own test): held-out accuracy above shows only that it learned the labels.
+        Stage("rm_eval", "the reward model on the truth set's pairs (better response known)",
+              [py, "-m", "self_ref.evaluate", "--reward_model", str(a.rm), "--input", p.truth_set, "--split", "test",
+               "--output", str(a.rm_eval)],
+              [a.rm_eval]),
         Stage("rl", f"{cfg.algo} on Ray: actor, reference, reward{', critic' if cfg.algo == 'ppo' else ''}, vLLM engines",
               [py, "fsdp_ppo_ray.py", "--config", rl_config, "--pretrain", str(a.sft), "--reward_pretrain", str(a.rm),
                "--prompt_data", prompts, "--input_key", "message",
@@ -310,7 +323,8 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
                "--output", str(a.compare), *judge_config_flags, *p.label_args,
                "--judge", str(judge_model), "--judge_port", str(cfg.judge_port),
                "--judge_max_model_len", str(p.judge_max_model_len)],
-              [a.compare], resumable=True, requires=[ROOT / "self_ref" / "compare_policies.py"]),
+              [a.compare], resumable=True, requires=[ROOT / "self_ref" / "compare_policies.py"],
+              marker="compare_dpo" if cfg.algo == "dpo" else ""),
     ]
     for stage in stages:  # the profile's sizes, as flags after the config (a flag overrides its YAML)
         stage.command += p.flags(stage.name)
@@ -351,6 +365,15 @@ def rm_facts(rm_logs: Path) -> list[tuple[str, str]]:
     rewards = rm_logs / "eval_rewards.json"
     n = f" on {len(json.loads(rewards.read_text()))} held-out pairs" if rewards.exists() else ""
     return [("RM eval accuracy", f"{evals[-1]['eval_acc']:.3f}{n} (step {evals[-1]['step']})")]
+
+
+def rm_truth_facts(path: Path) -> list[tuple[str, str]]:
+    try:
+        m = json.loads(path.read_text())["modes"]["reward_model"]
+    except (OSError, ValueError, KeyError):
+        return [("RM truth-set accuracy", f"missing: {path} has no 'modes.reward_model'")]
+    return [("RM truth-set accuracy", f"{short(m['accuracy'])} on {m['n']} truth-set pairs (better response known; "
+                                      f"mean margin {m['mean_margin']:+.3f})")]
 
 
 def dpo_facts(dpo_logs: Path) -> list[tuple[str, str]]:
@@ -448,11 +471,12 @@ NOTES = {
 
 
 def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_seconds: float) -> str:
-    a = Artefacts(out)
+    a = Artefacts(out, cfg.algo)
     p = profile_of(cfg.model, cfg.profile)
     artefacts = {"model": out / "tiny" if cfg.model == "tiny" else from_root(PACKAGED_MODEL_DIR),
                  "judge_model": from_root(MODELS_DIR / p.judge) if p.judge else "-", "sft": a.sft,
-                 "generate": a.pairs, "judge": a.judge_eval, "label": a.prefs, "rm": a.rm, "rl": a.policy,
+                 "generate": a.pairs, "judge": a.judge_eval, "label": a.prefs, "rm": a.rm, "rm_eval": a.rm_eval,
+                 "rl": a.policy,
                  "dpo": a.policy, "compare": a.compare}
     lines = ["", "=== summary " + "=" * 88, f"{'stage':<12}{'status':<10}{'seconds':>9}  artefact", "-" * 100]
     for r in results:
@@ -470,6 +494,8 @@ def summary_table(results: list[StageResult], out: Path, cfg: DemoConfig, total_
         facts += dpo_facts(a.logs / "dpo") if "dpo" in covered else [("DPO eval accuracy", "- (dpo not run)")]
     else:
         facts += rm_facts(a.logs / "rm") if "rm" in covered else [("RM eval accuracy", "- (rm not run)")]
+        facts += (rm_truth_facts(a.rm_eval) if "rm_eval" in covered
+                  else [("RM truth-set accuracy", "- (rm_eval not run)")])
         facts += rl_facts(a.logs / "rl") if "rl" in covered else [("reward before -> after RL", "- (rl not run)")]
     examples = []
     if "compare" in covered:
@@ -533,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     summary = summary_table(results, out, cfg, time.monotonic() - t0)
     print(summary)
-    (out / "summary.txt").write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
-    print(f"report: {write_report(out)} (plots in {out / 'report'})")
+    a = Artefacts(out, cfg.algo)
+    a.summary.write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
+    print(f"report: {write_report(out, cfg.algo)} (plots in {out / 'report'})")
     missing = missing_figures(summary)
     if missing:
         print(f"error: the summary lacks {len(missing)} figure(s), e.g. {missing[0]}", file=sys.stderr)

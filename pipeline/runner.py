@@ -77,18 +77,18 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
     servers = ServerSlot(stream)
     try:
         for i, stage in enumerate(stages):
-            log = out / "logs" / f"{stage.name}.log"
+            log = out / "logs" / f"{stage.key}.log"
             if i > last:
                 results.append(StageResult(stage.name, "not run", None, None))
                 continue
             fp = fingerprint(stage, dict(run_ids))
-            marker = read_marker(out, stage.name)
+            marker = read_marker(out, stage.key)
             state = stage_state(stage, marker, fp, stage.name in force)
             banner = f"[{i + 1}/{len(stages)}] {stage.name}: {stage.title}"
             if state == "done":
                 print(f"\n=== {banner}: done earlier ({marker['seconds']:.1f} s), skipped "
                       f"(--force {stage.name} redoes it)", file=stream, flush=True)
-                run_ids[stage.name] = marker["run_id"]
+                run_ids[stage.key] = marker["run_id"]
                 results.append(StageResult(stage.name, "skipped", marker["seconds"], log))
                 continue
 
@@ -102,7 +102,7 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
             else:
                 print("    resuming an interrupted run of the same command (its outputs are kept)", file=stream)
             run_id = uuid.uuid4().hex
-            write_marker(out, stage.name, {"stage": stage.name, "status": "running", "run_id": run_id, "fingerprint": fp})
+            write_marker(out, stage.key, {"stage": stage.name, "status": "running", "run_id": run_id, "fingerprint": fp})
             t0 = time.monotonic()
             servers.prepare(stage)
             print(f"$ {stage.shell_command()}", file=stream)
@@ -117,9 +117,9 @@ def run_pipeline(stages: list[Stage], out: Path, force: set[str], until: str, st
                 if server_exit is not None:
                     reason += f"; the judge server exited (code {server_exit}) during the stage: see {stage.server.log_path}"
                 raise StageFailed(stage, reason, log)
-            write_marker(out, stage.name, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
+            write_marker(out, stage.key, {"stage": stage.name, "status": "done", "run_id": run_id, "fingerprint": fp,
                                            "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-            run_ids[stage.name] = run_id
+            run_ids[stage.key] = run_id
             print(f"    {stage.name} done in {seconds:.1f} s", file=stream, flush=True)
             results.append(StageResult(stage.name, "resumed" if state == "resume" else "ran", seconds, log))
     finally:

@@ -20,6 +20,11 @@ class Stage:
     server: VLLMServer | None = None  # running while the command runs (kept up for the next stage that needs it too)
     env: dict[str, str] = field(default_factory=dict)  # set for the command (and shown before it)
     keep_outputs: bool = False  # the command itself skips finished work (a shared model cache): never delete
+    marker: str = ""  # its marker and log file name (default: name), for two pipelines sharing one folder
+
+    @property
+    def key(self) -> str:
+        return self.marker or self.name
 
     def shell_command(self) -> str:
         return shell_line(self.command, self.env)

@@ -1,11 +1,14 @@
 """The main job's report: ``OUT/report.md`` with PNG plots made from the stages' metrics files.
 
     python -m reports.demo_report out/demo        # (demo.py writes it after every run)
+    python -m reports.demo_report out/demo dpo    # report_dpo.md from the --algo dpo files beside it
 
 Reads what the stages left under ``OUT`` (any of them may be missing: its section says so):
 ``logs/{sft,rm,rl}/metrics.jsonl`` (``logs/dpo`` in place of rm and rl after ``--algo dpo``), ``judge_eval.json`` (``self_ref.evaluate``),
-``compare/summary.json`` (``self_ref.compare_policies``) and ``summary.txt`` (the demo's summary).
-Writes ``report.md`` and ``report/*.png`` beside it.
+``rm_eval.json`` (the RM on the truth set), ``compare/summary.json`` (``self_ref.compare_policies``)
+and ``summary.txt`` (the demo's summary); with ``dpo``, ``compare_dpo/`` and ``summary_dpo.txt``
+(demo.py's names for an --algo dpo run beside an RL run in the same folder). Writes ``report.md``
+(``report_dpo.md``) and ``report/*.png`` beside it.
 """
 
 from __future__ import annotations
@@ -78,11 +81,22 @@ def judge_section(out: Path, figures: Path) -> list[str]:
     return md
 
 
-def compare_section(out: Path) -> list[str]:
-    md = ["## RL policy vs SFT policy, judged", ""]
-    data = read_json(out / "compare" / "summary.json")
+def rm_truth_section(out: Path) -> list[str]:
+    data = read_json(out / "rm_eval.json")
+    m = ((data or {}).get("modes") or {}).get("reward_model")
+    if not m:
+        return []
+    cats = ", ".join(f"{c} {fmt(v, 2)}" for c, v in m.get("by_category", {}).items())
+    return ["## The reward model on the truth set", "",
+            f"Accuracy (the RM scores the better response higher) {fmt(m.get('accuracy'))} on {m.get('n', '?')} pairs; "
+            f"by category: {cats or '-'}. 95% intervals.", ""]
+
+
+def compare_section(out: Path, compare_dir: str = "compare", policy: str = "RL") -> list[str]:
+    md = [f"## {policy} policy vs SFT policy, judged", ""]
+    data = read_json(out / compare_dir / "summary.json")
     if not data:
-        return md + ["_no comparison (compare/summary.json) in this run_", ""]
+        return md + [f"_no comparison ({compare_dir}/summary.json) in this run_", ""]
     name_a, name_b = data.get("name_a", "A"), data.get("name_b", "B")
     a, b = data.get("a") or {}, data.get("b") or {}
     ties = data.get("tie_reasons") or {}
@@ -107,30 +121,33 @@ def compare_section(out: Path) -> list[str]:
     return md
 
 
-def write_report(out: str | Path) -> Path:
+def write_report(out: str | Path, algo: str = "remax") -> Path:
     out = Path(out)
+    dpo = algo == "dpo"
     figures = out / "report"
-    md = ["# Demo report", "", f"Made from the artefacts under `{out}` by `python -m reports.demo_report {out}`.", ""]
-    summary = out / "summary.txt"
+    md = ["# Demo report" + (" (DPO)" if dpo else ""), "",
+          f"Made from the artefacts under `{out}` by `python -m reports.demo_report {out}{' dpo' if dpo else ''}`.", ""]
+    summary = out / ("summary_dpo.txt" if dpo else "summary.txt")
     if summary.is_file():
         md += ["## Summary", "", "```", summary.read_text().rstrip(), "```", ""]
     md += judge_section(out, figures)
     md += ["## Training curves", ""]
-    after_sft = ((("dpo", DPO_PANELS, "DPO"),) if (out / "logs" / "dpo").is_dir()  # demo.py --algo dpo
-                 else (("rm", RM_PANELS, "reward model"), ("rl", RL_PANELS, "RL")))
+    after_sft = ((("dpo", DPO_PANELS, "DPO"),) if dpo else (("rm", RM_PANELS, "reward model"), ("rl", RL_PANELS, "RL")))
     for name, panels, title in (("sft", SFT_PANELS, "SFT"), *after_sft):
         rows = read_jsonl(out / "logs" / name / "metrics.jsonl")
         png = plot_metrics(rows, panels, figures / f"{name}.png", title) if rows else None
         md.append(f"### {title}")
         md.append("")
         image(md, png, out, title, f"no metrics at logs/{name}/metrics.jsonl")
-    md += compare_section(out)
-    path = out / "report.md"
+    if not dpo:
+        md += rm_truth_section(out)
+    md += compare_section(out, "compare_dpo", "DPO") if dpo else compare_section(out)
+    path = out / ("report_dpo.md" if dpo else "report.md")
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
     return path
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m reports.demo_report OUT_DIR")
-    print(f"wrote {write_report(sys.argv[1])}")
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["remax"], ["ppo"], ["dpo"]):
+        raise SystemExit("usage: python -m reports.demo_report OUT_DIR [remax|ppo|dpo]")
+    print(f"wrote {write_report(*sys.argv[1:])}")

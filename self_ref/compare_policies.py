@@ -69,6 +69,7 @@ from self_ref.stats import Estimate, mean_interval, wilson_interval
 from training.cli import run_cli
 from training.config import ConfigError, check_fields, is_pending, parse_config
 from training.progress import progress_bar
+from training.reward_scoring import score_conversations
 
 SIDES = ("a", "b")
 NUM_EXAMPLES = 3
@@ -478,39 +479,16 @@ def write_file_side(cfg, side: Side, items: list[dict], path: Path, tokenizer) -
 
 
 def score_rewards(cfg, items: list[dict], sides: list[Side]) -> dict[str, dict[str, float]]:
-    """``{side key: {id: reward}}``: each conversation tokenized as the RM is trained
-    (``tokenize_prompt_response``), scored by ``RewardModel`` in packed batches."""
-    import torch
-
-    from models.packing import PackedBatch, pack_sequences
-    from models.value_model import RewardModel
-    from rlhf_data.tokenize import tokenize_prompt_response
-
-    tokenizer = load_tokenizer_plain(cfg.reward_model)
-    keys, seqs = [], []
-    for side in sides:
-        for it in items:
-            row = side.rows[it["id"]]
-            sample = tokenize_prompt_response(tokenizer, it["message"], row["response"], cfg.rm_max_len,
-                                              source=row.get("_source", f"responses_{side.key}"), row=row.get("_row", 0))
-            keys.append((side.key, it["id"]))
-            seqs.append(sample.input_ids)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rm = RewardModel.from_pretrained(cfg.reward_model).to(device).eval()
-    lengths = [len(s) for s in seqs]
-    bins = pack_sequences(lengths, max(cfg.rm_batch_tokens, max(lengths)))
+    """``{side key: {id: reward}}`` from ``--reward_model`` (``training.reward_scoring``)."""
+    keys = [(side.key, it["id"]) for side in sides for it in items]
+    rows = [side.rows[it["id"]] for side in sides for it in items]
+    rewards = score_conversations(
+        cfg.reward_model, [(it["message"], row["response"]) for it, row in zip(items * len(sides), rows)],
+        cfg.rm_max_len, cfg.rm_batch_tokens,
+        sources=[(row.get("_source", f"responses_{key[0]}"), row.get("_row", 0)) for key, row in zip(keys, rows)])
     out: dict[str, dict[str, float]] = {s.key: {} for s in sides}
-    bar = progress_bar(len(seqs), "reward", unit="response")
-    with torch.no_grad():
-        for b in bins:
-            rewards = rm(PackedBatch.from_sequences([seqs[i] for i in b]).to(device)).float().cpu().tolist()
-            for i, r in zip(b, rewards):
-                side_key, rid = keys[i]
-                out[side_key][rid] = r
-            bar.update(len(b))
-    bar.close()
-    del rm
-    gc.collect()
+    for (side_key, rid), r in zip(keys, rewards):
+        out[side_key][rid] = r
     return out
 
 

@@ -4,6 +4,12 @@ dev / test), in the paper's self-reference mode and its direct baseline, side by
 
     python -m self_ref.evaluate --serve out/models/smollm2 --split test --output out/judge_eval.json
     python -m self_ref.evaluate --base_url http://127.0.0.1:10080/v1 --model llama2 --mode self_reference
+    python -m self_ref.evaluate --reward_model out/demo/rm --output out/demo/rm_eval.json   # a reward model
+
+With ``--reward_model DIR`` the same pairs measure a reward model instead of a judge (no server):
+a pair counts as right when the RM scores the better response higher (mode ``reward_model``:
+``accuracy`` with its interval, ``by_category``, ``mean_margin`` = mean r(better) - r(worse)).
+This is what the judge's labels taught the RM, checked against pairs whose answer is known.
 
 The judge is whatever OpenAI-compatible server ``--base_url/--model`` names, or with ``--serve
 DIR`` a vLLM server this command starts on 127.0.0.1 for that folder and stops at the end. Every
@@ -78,6 +84,9 @@ class EvaluateConfig(JudgeFlags):
     accept_agreement: float | None = field(default=None, metadata={"help": "a pair whose votes agree less counts as rejected (wrong) in 'accuracy' (default: the smallest --min_agreement, as self_ref.label would label with it)"})
     calibration_bins: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], metadata={"help": "strength bin edges, 0.5 to 1.0"})
     concurrency: int = field(default=16, metadata={"help": "pairs in flight", "check": ">= 1"})
+    reward_model: str | None = field(default=None, metadata={"help": "measure this reward model folder instead of a judge (no server)", "path": "model"})
+    rm_max_len: int = field(default=2048, metadata={"help": "max tokens of a scored conversation (as the RM's --max_len)", "check": ">= 2"})
+    rm_batch_tokens: int = field(default=8192, metadata={"help": "tokens per packed reward-model forward", "check": ">= 1"})
     timeout: float = field(default=300.0, metadata={"help": "seconds per request", "check": "> 0"})
     max_retries: int = field(default=3, metadata={"help": "retries per request", "check": ">= 0"})
     limit: int = field(default=-1, metadata={"help": "evaluate at most N pairs (-1: all)", "check": "-1 or >= 1"})
@@ -90,6 +99,8 @@ class EvaluateConfig(JudgeFlags):
             raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.mode not in (*MODES, "both"):
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, both; got {self.mode!r}")
+        if self.reward_model is not None and self.serve is not None:
+            raise ConfigError("--reward_model measures a reward model, --serve a judge: give one of them")
         if self.serve is not None and not (Path(self.serve) / "config.json").exists() and not is_pending(self.serve):
             raise ConfigError(f"--serve {self.serve}: not a model folder (no config.json there)")
         if self.accept_agreement is None:
@@ -310,6 +321,32 @@ async def evaluate_modes(cfg: EvaluateConfig, base_url: str | list[str], items: 
     return out
 
 
+def evaluate_reward_model(cfg: EvaluateConfig, items: list[dict]) -> dict:
+    """The reward model as a scorer: right when r(better) > r(worse)."""
+    from training.reward_scoring import score_conversations
+
+    t0 = time.perf_counter()
+    rewards = score_conversations(cfg.reward_model, [(it["message"], r) for it in items for r in it["responses"]],
+                                  cfg.rm_max_len, cfg.rm_batch_tokens,
+                                  sources=[(it["_source"], it["_row"]) for it in items for _ in (0, 1)])
+    seconds = time.perf_counter() - t0
+    records = []
+    for i, it in enumerate(items):
+        pair = rewards[2 * i: 2 * i + 2]
+        margin = pair[it["better"]] - pair[1 - it["better"]]
+        records.append({"id": it["id"], "category": it["category"], "better": it["better"], "rewards": pair,
+                        "margin": margin, "right": margin > 0})
+    by_category = {c: wilson_interval(sum(r["right"] for r in records if r["category"] == c),
+                                      sum(r["category"] == c for r in records)).to_dict()
+                   for c in sorted({str(r["category"]) for r in records if r["category"] is not None})}
+    summary = {"n": len(records), "accuracy": wilson_interval(sum(r["right"] for r in records), len(records)).to_dict(),
+               "by_category": by_category,
+               "mean_margin": sum(r["margin"] for r in records) / len(records) if records else None,
+               "seconds": round(seconds, 2), "pairs_per_s": round(len(records) / seconds, 4) if seconds else None,
+               "pairs": records}
+    return {"modes": {"reward_model": summary}, "pairs_per_s": summary["pairs_per_s"]}
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -322,6 +359,11 @@ def fmt(e: dict, digits: int = 3) -> str:
 
 def format_report(result: dict) -> str:
     modes = result["modes"]
+    if "reward_model" in modes:
+        m = modes["reward_model"]
+        cats = ", ".join(f"{c} {v['value']:.2f} (n={v['n']})" for c, v in m["by_category"].items())
+        return (f"reward model: accuracy {fmt(m['accuracy'])} on {m['n']} pairs, mean margin r(better) - r(worse) "
+                f"{m['mean_margin']:+.4f}" + (f"\nreward model: by category: {cats}" if cats else ""))
     lines = [f"{'mode':16s}{'accuracy':22s}{'acc. decided':22s}{'consistency':22s}{'picked 1st':8s}  pairs/s"]
     for mode, m in modes.items():
         lines.append(f"{mode:16s}{fmt(m['accuracy']):22s}{fmt(m['accuracy_decided']):22s}{fmt(m['consistency']):22s}"
@@ -343,6 +385,9 @@ def format_report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(EvaluateConfig, argv)
     items = load_truth_set(cfg.input, cfg.split, cfg.message_key, cfg.responses_key, cfg.limit)
+    if cfg.reward_model:
+        print(f"[eval] {len(items)} pairs ({cfg.split} split of {','.join(cfg.input)}); reward model {cfg.reward_model}")
+        return write_result(cfg, items, evaluate_reward_model(cfg, items), cfg.reward_model)
     server = None
     base_url = cfg.base_url
     if cfg.serve:
@@ -368,8 +413,13 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if server is not None:
             server.stop()
-    result = {"input": ",".join(cfg.input), "split": cfg.split, "n_pairs": len(items), "judge": cfg.serve or cfg.model,
-              "prompts": cfg.prompts or "configs/self_ref_prompts.yaml",
+    return write_result(cfg, items, result, cfg.serve or cfg.model)
+
+
+def write_result(cfg: EvaluateConfig, items: list[dict], result: dict, scorer: str) -> dict:
+    result = {"input": ",".join(cfg.input), "split": cfg.split, "n_pairs": len(items),
+              ("reward_model" if cfg.reward_model else "judge"): scorer,
+              **({} if cfg.reward_model else {"prompts": cfg.prompts or "configs/self_ref_prompts.yaml"}),
               "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)}, **result}
     print(format_report(result))
     output = Path(cfg.output)

@@ -55,3 +55,18 @@ def smollm2_dir() -> Path:
     SMOLLM2_DIR.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{SMOLLM2_DIR}.lock"):  # one converter at a time (pytest -n, a demo running alongside)
         return convert_gguf(packaged_gguf("smollm2"), SMOLLM2_DIR)
+
+
+@pytest.fixture(scope="session")
+def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model folder: the tiny backbone with a seeded score head, saved with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from models.fsdp import save_hf_pretrained
+    from models.value_model import RewardModel
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_pretrained(str(tiny_model_dir))
+    out = tmp_path_factory.mktemp("tiny_rm") / "rm"
+    save_hf_pretrained(rm.model, out, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    return out

@@ -71,21 +71,6 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A reward model folder: the tiny backbone with a seeded score head, saved with its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from models.fsdp import save_hf_pretrained
-    from models.value_model import RewardModel
-
-    torch.manual_seed(0)
-    rm = RewardModel.from_pretrained(str(tiny_model_dir))
-    out = tmp_path_factory.mktemp("compare_rm") / "rm"
-    save_hf_pretrained(rm.model, out, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
-    return out
-
-
 def test_identical_responses_are_all_ties_without_a_judge_request(tmp_path, tiny_model_dir):
     rows = corpus_rows(5)
     a, _ = write_sides(tmp_path, rows, identical=set(range(5)))

@@ -26,13 +26,13 @@ def test_force_accepts_all_names_and_nothing():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are model, judge_model, sft, generate, judge, label, rm, rl, compare (or all)"),
+    (["--force", "rm,reward"], "--force: unknown stage(s) reward; stages are model, judge_model, sft, generate, judge, label, rm, rm_eval, rl, compare (or all)"),
     (["--force", "all,rm"], "unknown stage(s) all"),
-    (["--until", "ppo"], "--until must be one of model, judge_model, sft, generate, judge, label, rm, rl, compare, got 'ppo'"),
+    (["--until", "ppo"], "--until must be one of model, judge_model, sft, generate, judge, label, rm, rm_eval, rl, compare, got 'ppo'"),
     (["--algo", "grpo"], "--algo must be one of remax, ppo, dpo, got 'grpo'"),
     (["--algo", "dpo", "--until", "rm"], "--until must be one of model, judge_model, sft, generate, judge, label, dpo, compare, got 'rm'"),
     (["--algo", "dpo", "--force", "rl"], "--force: unknown stage(s) rl; stages are model, judge_model, sft, generate, judge, label, dpo, compare"),
-    (["--model", "tiny", "--until", "judge_model"], "--until must be one of model, sft, generate, judge, label, rm, rl, compare"),  # the SFT policy judges
+    (["--model", "tiny", "--until", "judge_model"], "--until must be one of model, sft, generate, judge, label, rm, rm_eval, rl, compare"),  # the SFT policy judges
     (["--profile", "huge"], "--profile must be one of default, full, got 'huge'"),
     (["--profile", "full", "--model", "tiny"], "--profile full is defined for --model smollm2, not tiny"),
     (["--prompts", "no/such/prompts.jsonl"], "--prompts no/such/prompts.jsonl: no such file"),
@@ -81,6 +81,10 @@ def test_stage_commands_follow_the_algorithm(tmp_path, model):
         assert compare[compare.index("--judge_config") + 1] == label[label.index("--config") + 1] == "configs/judge_small.yaml"
     rm = remax["rm"].command
     assert "--packing_samples" in rm and "--eval_split" in rm and rm[rm.index("--nproc_per_node") + 1] == "2"
+    # the reward model on the judge's truth set, right after it is trained
+    rm_eval = remax["rm_eval"].command
+    assert rm_eval[1:3] == ["-m", "self_ref.evaluate"] and rm_eval[rm_eval.index("--reward_model") + 1] == str(tmp_path / "rm")
+    assert rm_eval[rm_eval.index("--input") + 1] == remax["judge"].command[remax["judge"].command.index("--input") + 1]
     # every config and data file a stage names is in the repository
     for stage in remax.values():
         for arg in stage.command:
@@ -110,18 +114,22 @@ def test_summary_reads_the_artefacts(tmp_path):
     assert f"3 kept, 1 rejected -> {prefs}" in table
     assert "0.62 mean vote agreement; the orders A/B and B/A agreed on 1 of 4 pairs" in table
     assert "0.750 on 4 held-out pairs (step 8)" in table
+    assert "rm_eval.json has no 'modes.reward_model'" in table
     assert "-2.0000 -> -0.5000 (greedy, held-out prompts; step 0 -> 2)" in table
     assert "-1.5000 -> -1.0000 (sampled; step 1 -> 2)" in table
     assert "0.25000 (last step)" in table
     assert "carry no meaning" in table
     assert "judge_eval.json has no 'modes'" in table  # no judge_eval.json: said, not skipped
-    assert [line.split()[:2] for line in demo.missing_figures(table)] == [["judge", "accuracy"], ["judge", "win"]]
+    assert [line.split()[:2] for line in demo.missing_figures(table)] == [["judge", "accuracy"], ["RM", "truth-set"],
+                                                                          ["judge", "win"]]
 
     # the judge on the truth set and the judged comparison, as self_ref.evaluate / compare_policies write them
     est = lambda v, n: {"value": v, "low": v - 0.1, "high": v + 0.1, "n": n}  # noqa: E731
     (out / "judge_eval.json").write_text(json.dumps({"modes": {
         "self_reference": {"accuracy": est(0.67, 42), "consistency": {"value": float("nan"), "low": 0, "high": 1, "n": 0}},
         "direct": {"accuracy": est(0.5, 42), "consistency": est(0.25, 42)}}}))
+    (out / "rm_eval.json").write_text(json.dumps({"modes": {"reward_model": {
+        "accuracy": est(0.55, 42), "n": 42, "mean_margin": 0.0123, "by_category": {}}}}))
     (out / "compare").mkdir()
     side = lambda r, n, cut: {"reward": est(r, 40), "length_tokens": est(n, 40), "cut_at_max": est(cut, 40)}  # noqa: E731
     (out / "compare" / "summary.json").write_text(json.dumps({
@@ -132,6 +140,7 @@ def test_summary_reads_the_artefacts(tmp_path):
     assert "accuracy 0.67 [0.57, 0.77] on 42 truth-set pairs, one response per request" in table
     assert "accuracy 0.50 [0.40, 0.60] on 42 truth-set pairs, orders agree 0.25 [0.15, 0.35]" in table
     assert "0.40 [0.30, 0.50] (12 wins, 10 ties, 18 losses on 40 held-out prompts)" in table
+    assert "0.55 [0.45, 0.65] on 42 truth-set pairs (better response known; mean margin +0.012)" in table
     assert "sft 1.000 -> remax 1.200 (greedy)" in table and "sft 40.0 -> remax 50.0; cut at max 5% -> 10%" in table
     assert "prompt: Name a colour." in table and "remax: Blue." in table and "sft: Red is one." in table
 
@@ -156,11 +165,31 @@ def test_algo_dpo_trains_the_policy_on_the_labels_in_place_of_rm_and_rl(tmp_path
     assert "train_dpo.py" in dpo and dpo[dpo.index("train_dpo.py") + 1:dpo.index("train_dpo.py") + 3] == ["--config", f"configs/dpo_{model}.yaml"]
     assert (demo.ROOT / f"configs/dpo_{model}.yaml").is_file()
     for flag, value in [("--pretrain", tmp_path / "sft"), ("--dataset", tmp_path / "prefs.jsonl"),
-                        ("--save_path", tmp_path / "policy"), ("--logging_path", tmp_path / "logs" / "dpo")]:
+                        ("--save_path", tmp_path / "policy_dpo"), ("--logging_path", tmp_path / "logs" / "dpo")]:
         assert dpo[dpo.index(flag) + 1] == str(value)
     compare = stages["compare"].command
-    assert compare[compare.index("--policy_a") + 1] == str(tmp_path / "policy") and "--reward_model" not in compare
+    assert compare[compare.index("--policy_a") + 1] == str(tmp_path / "policy_dpo") and "--reward_model" not in compare
     assert compare[compare.index("--name_a") + 1] == "dpo"
+
+
+def test_dpo_and_rl_share_the_labels_in_one_folder_without_touching_each_others_results(tmp_path):
+    """`--algo dpo` after an RL run in the same --out: the stages up to the labels are the same
+    (same commands and markers: skipped), and nothing DPO writes, deletes or marks is RL's."""
+    rl = demo.build_stages(parse_config(DemoConfig, []), tmp_path)
+    dpo = demo.build_stages(parse_config(DemoConfig, ["--algo", "dpo"]), tmp_path)
+    shared = [s.name for s in dpo if s.name in {r.name for r in rl} and s.name != "compare"]
+    assert shared == ["model", "judge_model", "sft", "generate", "judge", "label"]
+    by_name = {s.name: s for s in rl}
+    for stage in dpo:
+        if stage.name in shared:
+            assert stage.command == by_name[stage.name].command and stage.key == by_name[stage.name].key
+    rl_own = {s.key: s for s in rl if s.name not in shared}
+    dpo_own = {s.key: s for s in dpo if s.name not in shared}
+    assert set(rl_own) == {"rm", "rm_eval", "rl", "compare"} and set(dpo_own) == {"dpo", "compare_dpo"}
+    rl_outputs = {p for s in rl_own.values() for p in s.outputs}
+    assert not rl_outputs & {p for s in dpo_own.values() for p in s.outputs}
+    assert demo.Artefacts(tmp_path, "dpo").summary != demo.Artefacts(tmp_path, "remax").summary
+    assert demo.Artefacts(tmp_path, "dpo").report != demo.Artefacts(tmp_path, "remax").report
 
 
 def test_the_summary_of_a_dpo_run(tmp_path):
@@ -225,9 +254,20 @@ def test_report_after_dpo_plots_dpo_in_place_of_rm_and_rl(tmp_path):
     (tmp_path / "logs" / "dpo").mkdir(parents=True)
     (tmp_path / "logs" / "dpo" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 0.7 - s / 100, "acc": s / 5, "reward_margin": s / 50}) + "\n" for s in range(1, 5)))
-    text = write_report(tmp_path).read_text()
+    for name, algo in (("compare", "remax"), ("compare_dpo", "dpo")):  # an RL run's files beside the DPO run's
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"name_a": algo, "name_b": "sft", "n": 7}))
+    (tmp_path / "summary.txt").write_text("the RL summary\n")
+    (tmp_path / "summary_dpo.txt").write_text("the DPO summary\n")
+    report = write_report(tmp_path, "dpo")
+    text = report.read_text()
+    assert report.name == "report_dpo.md" and not (tmp_path / "report.md").exists()
     assert "](report/dpo.png)" in text and (tmp_path / "report" / "dpo.png").is_file()
     assert "### reward model" not in text and "### RL" not in text
+    assert "the DPO summary" in text and "the RL summary" not in text
+    assert "## DPO policy vs SFT policy" in text and "compared dpo (A) with sft (B) on 7" in text
+    rl_text = write_report(tmp_path).read_text()  # the RL report beside it: its own files only
+    assert "### DPO" not in rl_text and "the RL summary" in rl_text and "compared remax (A)" in rl_text
 
 
 # --- the dry run: every stage's command, checked by its own entry point ------------------------

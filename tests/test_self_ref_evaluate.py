@@ -198,3 +198,53 @@ def test_end_to_end_against_a_real_vllm_judge(vllm_judge, tmp_path):
         a, b = p["votes"]
         assert a["pointwise"] and [c["response"] for c in a["checks"]] == [1, 2] and [c["response"] for c in b["checks"]] == [2, 1]
         assert a["p_first"] == pytest.approx(b["p_first"])
+
+
+# --- a reward model measured on the same pairs ------------------------------------------------
+
+
+def test_a_reward_model_on_the_truth_set_matches_direct_scoring(tmp_path, rm_dir):
+    """`--reward_model`: every response scored as one direct RewardModel call on its own (the
+    packed batches must not mix conversations), a pair right when r(better) > r(worse); flipping
+    every `better` flips every verdict."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from models.packing import PackedBatch
+    from models.value_model import RewardModel
+    from rlhf_data.tokenize import tokenize_prompt_response
+
+    rows = [json.loads(line) for line in TRUTH_SET.read_text().splitlines() if line.strip()][:12]
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate_main(["--reward_model", str(rm_dir), "--input", str(truth), "--split", "all",
+                            "--output", str(tmp_path / "rm_eval.json"), "--rm_batch_tokens", "256"])
+    m = result["modes"]["reward_model"]
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    rm = RewardModel.from_pretrained(str(rm_dir)).eval()
+    right = 0
+    for row, record in zip(rows, m["pairs"]):
+        direct = []
+        for response in row["responses"]:
+            ids = tokenize_prompt_response(tokenizer, row["message"], response, max_len=2048).input_ids
+            with torch.no_grad():
+                direct.append(rm(PackedBatch.from_sequences([ids])).item())
+        assert record["rewards"] == pytest.approx(direct, abs=1e-4)
+        margin = direct[row["better"]] - direct[1 - row["better"]]
+        assert record["margin"] == pytest.approx(margin, abs=1e-4) and record["right"] == (margin > 0)
+        right += margin > 0
+    assert (m["accuracy"]["value"], m["accuracy"]["n"]) == (pytest.approx(right / 12), 12)
+    assert sum(v["n"] for v in m["by_category"].values()) == 12
+    assert json.loads((tmp_path / "rm_eval.json").read_text())["reward_model"] == str(rm_dir)
+
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**r, "better": 1 - r["better"]}) + "\n" for r in rows))
+    again = evaluate_main(["--reward_model", str(rm_dir), "--input", str(flipped), "--split", "all",
+                           "--output", str(tmp_path / "flipped.json")])["modes"]["reward_model"]
+    assert [r["right"] for r in again["pairs"]] == [not r["right"] for r in m["pairs"]]
+    assert again["mean_margin"] == pytest.approx(-m["mean_margin"], abs=1e-5)
+
+
+def test_a_reward_model_and_a_judge_server_at_once_is_one_line(tmp_path, rm_dir, tiny_model_dir):
+    with pytest.raises(ConfigError, match="--reward_model measures a reward model, --serve a judge: give one"):
+        evaluate_main(["--reward_model", str(rm_dir), "--serve", str(tiny_model_dir), "--output", str(tmp_path / "x.json")])
