@@ -446,6 +446,9 @@ def compare_facts(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
     a, b = s["a"], s["b"]
     facts = [(f"judge win rate {s['name_a']} vs {s['name_b']}",
               f"{short(s['win_rate'])} ({s['wins']} wins, {s['ties']} ties, {s['losses']} losses on {s['n']} held-out prompts)")]
+    if s.get("length_controlled_win_rate") is not None:  # absent from summaries written before it existed
+        facts.append(("length-controlled", f"{short(s['length_controlled_win_rate'])} (the win rate at equal lengths; "
+                                            f"length coefficient {s.get('length_coef')})"))
     if a.get("reward") and b.get("reward"):
         facts.append(("held-out RM reward", f"{s['name_b']} {b['reward']['value']:.3f} -> {s['name_a']} "
                                             f"{a['reward']['value']:.3f} (greedy)"))

@@ -106,7 +106,8 @@ def compare_section(out: Path, compare_dir: str = "compare", policy: str = "RL")
            f"| win rate of {name_a} over {name_b} | {fmt(data.get('win_rate'))} |",
            f"| wins / ties / losses | {data.get('wins', '?')} / {data.get('ties', '?')} / {data.get('losses', '?')}"
            + (f" (ties: {', '.join(f'{k} {v}' for k, v in ties.items())})" if ties else "") + " |",
-           f"| decisive win rate (ties left out) | {fmt(data.get('decisive_win_rate'))} |", "",
+           f"| decisive win rate (ties left out) | {fmt(data.get('decisive_win_rate'))} |",
+           f"| length-controlled win rate (at equal lengths) | {fmt(data.get('length_controlled_win_rate'))} |", "",
            f"| per side | {name_b} | {name_a} |", "|---|---|---|"]
     for key, label in (("reward", "mean RM reward"), ("length_tokens", "mean length (tokens)"),
                        ("cut_at_max", "share cut at the length limit")):

@@ -21,6 +21,11 @@ Figures (``summary.json``, every interval as ``{"value", "low", "high", "n"}``, 
 * ``win_rate``: A over B, (wins + ties / 2) / n, normal interval over per-prompt scores 1 / 0.5 / 0;
 * ``wins`` / ``ties`` / ``losses``; ``decisive_win_rate``: wins / (wins + losses), Wilson interval;
 * ``prob_a``: the judge's mean probability that A is better (from its verdict-token log-probs);
+* ``length_controlled_win_rate``: the win rate predicted for two responses of equal length, from
+  a logistic fit of each prompt's score on the length difference in tokens (AlpacaEval 2's
+  length control, ``self_ref.stats.length_controlled_win_rate``; bootstrap interval), with
+  ``length_coef`` phi: a judge that prefers longer answers gives phi > 0, and a policy that won
+  only by growing longer drops to about 0.5 here;
 * per side (``a``, ``b``): mean RM reward (``--reward_model``: the conversation tokenized by
   ``rlhf_data.tokenize.tokenize_prompt_response``, scored by ``models.value_model.RewardModel``,
   exactly as the reward model is trained), mean response length in tokens, the share cut at
@@ -65,7 +70,7 @@ from self_ref.jsonl_store import AppendOnlyJsonl, read_done_ids
 from self_ref.judge import JudgeFlags, JudgeSettings, judge_pair
 from self_ref.label import LabelConfig
 from self_ref.prompts import DEFAULT_PROMPTS, JudgePrompts
-from self_ref.stats import Estimate, mean_interval, wilson_interval
+from self_ref.stats import Estimate, length_controlled_win_rate, mean_interval, wilson_interval
 from training.cli import run_cli
 from training.config import ConfigError, check_fields, is_pending, parse_config
 from training.progress import progress_bar
@@ -700,6 +705,8 @@ def print_table(summary: dict) -> None:
     lines.append(f"{'  wins / ties / losses':34}{summary['wins']} / {summary['ties']} / {summary['losses']}"
                  + (f"  (ties: {', '.join(f'{k}: {v}' for k, v in summary['tie_reasons'].items())})" if summary["ties"] else ""))
     lines.append(f"{'  decisive win rate':34}{_fmt(summary['decisive_win_rate'])}  (n={summary['decisive_win_rate']['n']}, Wilson)")
+    lines.append(f"{'  length-controlled win rate':34}{_fmt(summary['length_controlled_win_rate'])}  "
+                 f"(equal lengths; length coefficient {summary['length_coef']}, bootstrap)")
     lines.append(f"{'  mean P(A better) by the judge':34}{_fmt(summary['prob_a'])}")
     rows = [("mean RM reward", "reward", 3), ("mean length (tokens)", "length_tokens", 1),
             ("mean length (characters)", "length_chars", 0), ("cut at max_new_tokens", "cut_at_max", 3)]
@@ -718,9 +725,14 @@ def build_summary(cfg, items: list[dict], sides: list[Side], rewards, judge_resu
     rows = [judged[it["id"]] for it in items if it["id"] in judged]
     figures = win_figures(rows)
     a, b = sides
+    with_tokens = [it["id"] for it in items if it["id"] in judged
+                   and a.rows[it["id"]].get("tokens") is not None and b.rows[it["id"]].get("tokens") is not None]
+    lc, phi = length_controlled_win_rate([float(judged[i]["score"]) for i in with_tokens],
+                                         [float(a.rows[i]["tokens"] - b.rows[i]["tokens"]) for i in with_tokens])
     summary = {
         "name_a": a.name, "name_b": b.name, "prompts": ",".join(cfg.prompts) or None, "prompts_total": len(items),
         **figures,
+        "length_controlled_win_rate": _est(lc), "length_coef": None if math.isnan(phi) else round(phi, 4),
         "complete": figures["n"] == len(items), "failed": judge_result["failed"],
         "a": side_figures(a, items, cfg, rewards and rewards["a"]),
         "b": side_figures(b, items, cfg, rewards and rewards["b"]),

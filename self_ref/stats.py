@@ -10,12 +10,23 @@
 * ``mean_interval(xs)``: the mean of bounded per-item scores (a win rate with ties counted as
   1/2: scores in {0, 1/2, 1}); normal interval mean +- z s / sqrt(n) with the sample standard
   deviation s, clipped to the scores' range.
+* ``length_controlled_win_rate(scores, length_diffs)``: the win rate with the length effect taken
+  out (AlpacaEval 2's length-controlled win rate: Dubois et al., "Length-Controlled AlpacaEval",
+  2024). Per prompt i, with score s_i in {0, 1/2, 1} and d_i = len_A - len_B in tokens, fit
+
+      P(A preferred | d) = sigmoid(theta + phi * tanh(d / sd(d)))
+
+  by maximum likelihood (cross-entropy against s_i: a tie is half a win); the length-controlled
+  win rate is sigmoid(theta), the prediction for two responses of equal length, and phi says how
+  much length alone moves the verdict. Interval: percentile bootstrap over prompts.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -58,3 +69,41 @@ def mean_interval(values: list[float], z: float = Z95, bounds: tuple[float, floa
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = z * sd / math.sqrt(n)
     return Estimate(mean, max(bounds[0], mean - half), min(bounds[1], mean + half), n)
+
+
+def _fit_length_logit(scores: np.ndarray, x: np.ndarray, ridge: float = 1e-3) -> tuple[float, float]:
+    """(theta, phi) maximising sum s log p + (1 - s) log(1 - p), p = sigmoid(theta + phi x), by
+    Newton's method; a small ridge keeps it finite when one side wins every prompt."""
+    design = np.stack([np.ones_like(x), x], axis=1)
+    w = np.zeros(2)
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-(design @ w)))
+        grad = design.T @ (scores - p) - ridge * w
+        hess = (design * (p * (1 - p))[:, None]).T @ design + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def length_controlled_win_rate(scores: list[float], length_diffs: list[float], n_boot: int = 1000, seed: int = 0,
+                               level: float = 0.95) -> tuple[Estimate, float]:
+    """``(sigmoid(theta) with a bootstrap interval, phi)`` for per-prompt scores and length
+    differences A - B (module docstring)."""
+    s, d = np.asarray(scores, dtype=float), np.asarray(length_diffs, dtype=float)
+    n = len(s)
+    if n == 0:
+        return Estimate(math.nan, 0.0, 1.0, 0), math.nan
+
+    def fit(idx: np.ndarray) -> tuple[float, float]:
+        sd = d[idx].std()
+        x = np.tanh(d[idx] / sd) if sd > 0 else np.zeros(len(idx))
+        return _fit_length_logit(s[idx], x)
+
+    theta, phi = fit(np.arange(n))
+    rng = np.random.default_rng(seed)
+    boots = sorted(1.0 / (1.0 + math.exp(-fit(rng.integers(0, n, n))[0])) for _ in range(n_boot))
+    tail = (1.0 - level) / 2
+    low, high = boots[int(tail * (n_boot - 1))], boots[int(math.ceil((1 - tail) * (n_boot - 1)))]
+    return Estimate(1.0 / (1.0 + math.exp(-theta)), low, high, n), phi

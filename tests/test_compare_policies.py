@@ -15,7 +15,7 @@ import torch
 from models.packing import PackedBatch
 from rlhf_data.tokenize import tokenize_prompt_response
 from self_ref import compare_policies
-from self_ref.stats import mean_interval, wilson_interval
+from self_ref.stats import length_controlled_win_rate, mean_interval, wilson_interval
 from serving.ports import free_port
 from tests.judge_servers import vllm_judge  # noqa: F401  (session fixture)
 from training.cli import run_cli
@@ -69,6 +69,31 @@ def judge_args(server, **kw) -> list[str]:
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_length_controlled_win_rate_takes_out_what_length_alone_wins():
+    """Simulated verdicts from P(A wins) = sigmoid(theta + phi tanh(d / sd(d))): the fit recovers
+    sigmoid(theta). With theta = 0 and A usually the longer, the raw win rate is far above 0.5
+    and the length-controlled one is 0.5; with phi = 0 the two agree."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    d = rng.normal(25, 30, n)  # A is longer on most prompts
+    x = np.tanh(d / d.std())
+    for theta, phi in [(0.0, 2.0), (0.6, -1.0), (0.8, 0.0)]:
+        p = 1 / (1 + np.exp(-(theta + phi * x)))
+        u = rng.random(n)
+        scores = np.where(u < p - 0.05, 1.0, np.where(u < p + 0.05, 0.5, 0.0))  # some ties, mean p
+        lc, fitted_phi = length_controlled_win_rate(scores.tolist(), d.tolist(), n_boot=200)
+        target = 1 / (1 + math.exp(-theta))
+        assert abs(lc.value - target) < 0.03 and lc.low < target < lc.high, (theta, phi, lc)
+        assert abs(fitted_phi - phi) < 0.25
+        if phi == 2.0:
+            assert scores.mean() > 0.65  # what a raw win rate would credit to the policy
+    # one side wins every prompt: finite, near 1
+    lc, _ = length_controlled_win_rate([1.0] * 20, list(range(20)), n_boot=50)
+    assert 0.9 < lc.value <= 1.0 and lc.high <= 1.0
 
 
 def test_identical_responses_are_all_ties_without_a_judge_request(tmp_path, tiny_model_dir):
@@ -125,6 +150,10 @@ def test_summary_follows_from_judgements_and_rewards_match_the_reward_model(vllm
     assert summary["decisive_win_rate"] == {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                             for k, v in decisive.items()}
     assert summary["prob_a"] == mean_interval([judged[r["id"]]["prob_a"] for r in rows]).to_dict()
+    tokens = {side: {r["id"]: r["tokens"] for r in read_rows(out / f"responses_{side}.jsonl")} for side in "ab"}
+    lc, phi = length_controlled_win_rate([judged[r["id"]]["score"] for r in rows],
+                                         [tokens["a"][r["id"]] - tokens["b"][r["id"]] for r in rows])
+    assert summary["length_controlled_win_rate"] == lc.to_dict() and summary["length_coef"] == round(phi, 4)
 
     # each side's RM reward: a direct RewardModel call per conversation, tokenized as in RM training
     tokenizer = AutoTokenizer.from_pretrained(rm_dir)
