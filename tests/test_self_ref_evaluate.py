@@ -248,3 +248,27 @@ def test_a_reward_model_on_the_truth_set_matches_direct_scoring(tmp_path, rm_dir
 def test_a_reward_model_and_a_judge_server_at_once_is_one_line(tmp_path, rm_dir, tiny_model_dir):
     with pytest.raises(ConfigError, match="--reward_model measures a reward model, --serve a judge: give one"):
         evaluate_main(["--reward_model", str(rm_dir), "--serve", str(tiny_model_dir), "--output", str(tmp_path / "x.json")])
+
+
+def test_own_answer_gain_is_read_pair_by_pair():
+    """benchmarks.own_answer_gain: three pairs, hand-computed. SmolLM2 right (self-ref, direct):
+    p1 (1, 0), p2 (0, 0), p3 (1, 1) -> gain 1/3; the 1.5B: p1 (1, 1), p2 (1, 0), p3 (1, 0) ->
+    gain 2/3, and gain minus SmolLM2's per pair: 0 - 1, 1 - 0, 1 - 0 -> 1/3. An undecided pair
+    (lean None) or one whose votes agree less than 0.5 is wrong."""
+    from benchmarks.own_answer_gain import own_answer_gain
+
+    def mode(right: list[int]) -> dict:
+        return {"pairs": [{"id": f"p{i}", "better": 0, "lean": 0 if r else (1 if i != 2 else None), "agreement": 1.0}
+                          for i, r in enumerate(right, 1)]}
+
+    def run(sr: list[int], direct: list[int]) -> dict:
+        return {"variants": {"small_pointwise": {"modes": {"self_reference": mode(sr), "direct": mode(direct)}}}}
+
+    runs = {"test:smollm2:3": run([1, 0, 1], [0, 0, 1]), "test:qwen2.5-coder-1.5b:3": run([1, 1, 1], [1, 0, 0]),
+            "dev:smollm2:3": run([0, 0, 0], [1, 1, 1])}
+    result = own_answer_gain(runs)["small_pointwise"]
+    assert set(result) == {"smollm2", "qwen2.5-coder-1.5b"}
+    assert result["smollm2"]["gain"]["value"] == pytest.approx(1 / 3) and result["smollm2"]["self_reference"] == pytest.approx(2 / 3)
+    big = result["qwen2.5-coder-1.5b"]
+    assert big["gain"]["value"] == pytest.approx(2 / 3) and big["direct"] == pytest.approx(1 / 3)
+    assert big["gain_minus_smollm2"]["value"] == pytest.approx(1 / 3) and big["gain_minus_smollm2"]["n"] == 3
