@@ -89,7 +89,9 @@ def plot_calibration(buckets_by_mode: dict[str, list[dict]], path: str | Path, t
             x = i + (k - (len(modes) - 1) / 2) * width
             ax.bar(x, acc["value"], width, color=f"C{k}", label=mode if i == 0 or edge == edges[0] else None,
                    yerr=[[acc["value"] - acc["low"]], [acc["high"] - acc["value"]]], capsize=3)
-            ax.text(x, 0.02, f"n={b['n']}", ha="center", va="bottom", fontsize=7, rotation=90, color="white")
+            # white on the bar; black where the bar is too short to hold it (an accuracy of 0 is a bar of 0)
+            ax.text(x, 0.02, f"n={b['n']}", ha="center", va="bottom", fontsize=7, rotation=90,
+                    color="white" if acc["value"] >= 0.15 else "black")
     centres = [(lo + hi) / 2 for lo, hi in edges]
     ax.plot(range(len(edges)), centres, "k--", linewidth=1, label="calibrated (accuracy = strength)")
     ax.set_xticks(range(len(edges)), [f"{lo:.2f}-{hi:.2f}" for lo, hi in edges], fontsize=8)
