@@ -563,8 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summary_table(results, out, cfg, time.monotonic() - t0)
     print(summary)
     a = Artefacts(out, cfg.algo)
-    a.summary.write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
-    print(f"report: {write_report(out, cfg.algo)} (plots in {out / 'report'})")
+    if cfg.until == stages[-1].name:
+        a.summary.write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
+        print(f"report: {write_report(out, cfg.algo)} (plots in {out / 'report'})")
+    else:  # a partial run leaves a finished run's summary and report as they were
+        partial = a.summary.with_name(f"{a.summary.stem}_until_{cfg.until}.txt")
+        partial.write_text(summary.lstrip("\n") + "\n", encoding="utf-8")
+        print(f"summary: {partial} (--until {cfg.until}: {a.summary.name} and the report are left as they were)")
     missing = missing_figures(summary)
     if missing:
         print(f"error: the summary lacks {len(missing)} figure(s), e.g. {missing[0]}", file=sys.stderr)

@@ -361,3 +361,16 @@ def test_the_full_profile_labels_every_prompt_and_trains_longer(tmp_path):
     assert full["rl"][:len(default["rl"])] == default["rl"]  # the same command, sizes as flags after it
     assert full["rl"][len(default["rl"]):] == ["--max_iterations", "24", "--eval_steps", "6", "--max_eval_prompts", "32"]
     assert full["judge"] == default["judge"] and full["label"] == default["label"]  # the same judge
+
+
+def test_a_partial_run_leaves_the_finished_runs_summary_and_report(tmp_path, capsys):
+    """`--until model` after a finished run: its summary goes to summary_until_model.txt, and the
+    finished run's summary.txt and report.md stay as they were (seen: a --until run replaced them)."""
+    (tmp_path / "summary.txt").write_text("the finished run\n")
+    (tmp_path / "report.md").write_text("# the finished run's report\n")
+    assert demo.main(["--model", "tiny", "--out", str(tmp_path), "--until", "model"]) == 0
+    assert (tmp_path / "summary.txt").read_text() == "the finished run\n"
+    assert (tmp_path / "report.md").read_text() == "# the finished run's report\n"
+    partial = (tmp_path / "summary_until_model.txt").read_text()
+    assert partial.startswith("=== summary") and "model       ran" in partial and "sft         not run" in partial
+    assert "summary_until_model.txt (--until model" in capsys.readouterr().out
