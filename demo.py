@@ -56,7 +56,7 @@ from pipeline.dry_run import check_stages
 from pipeline.processes import install_interrupt_handlers, log_tail
 from pipeline.runner import run_pipeline
 from pipeline.stage import Stage, StageFailed, StageResult
-from reports.demo_report import write_report
+from reports.demo_report import algo_artefact, write_report
 from serving.openai_server import VLLMServer
 from training.cli import run_cli
 from training.config import ConfigError, check_fields, parse_config
@@ -222,9 +222,8 @@ class Artefacts:
                  "summary": "summary.txt", "report": "report.md"}
         if name not in paths:
             raise AttributeError(name)
-        if self.algo == "dpo" and name in ("policy", "compare", "summary", "report"):
-            stem, dot, suffix = paths[name].partition(".")
-            return self.out / f"{stem}_dpo{dot}{suffix}"
+        if name in ("policy", "compare", "summary", "report"):
+            return self.out / algo_artefact(paths[name], self.algo)
         return self.out / paths[name]
 
 

@@ -122,13 +122,23 @@ def compare_section(out: Path, compare_dir: str = "compare", policy: str = "RL")
     return md
 
 
+def algo_artefact(name: str, algo: str) -> str:
+    """The name of an algorithm's own artefact: ``--algo dpo`` keeps its files beside RL's in one
+    folder (``summary.txt`` -> ``summary_dpo.txt``, ``compare`` -> ``compare_dpo``); demo.py writes
+    by this rule and the report reads by it."""
+    if algo != "dpo":
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}_dpo{dot}{suffix}"
+
+
 def write_report(out: str | Path, algo: str = "remax") -> Path:
     out = Path(out)
     dpo = algo == "dpo"
     figures = out / "report"
     md = ["# Demo report" + (" (DPO)" if dpo else ""), "",
           f"Made from the artefacts under `{out}` by `python -m reports.demo_report {out}{' dpo' if dpo else ''}`.", ""]
-    summary = out / ("summary_dpo.txt" if dpo else "summary.txt")
+    summary = out / algo_artefact("summary.txt", algo)
     if summary.is_file():
         md += ["## Summary", "", "```", summary.read_text().rstrip(), "```", ""]
     md += judge_section(out, figures)
@@ -142,8 +152,8 @@ def write_report(out: str | Path, algo: str = "remax") -> Path:
         image(md, png, out, title, f"no metrics at logs/{name}/metrics.jsonl")
     if not dpo:
         md += rm_truth_section(out)
-    md += compare_section(out, "compare_dpo", "DPO") if dpo else compare_section(out)
-    path = out / ("report_dpo.md" if dpo else "report.md")
+    md += compare_section(out, algo_artefact("compare", algo), "DPO" if dpo else "RL")
+    path = out / algo_artefact("report.md", algo)
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
     return path
 

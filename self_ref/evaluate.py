@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     items = load_truth_set(cfg.input, cfg.split, cfg.message_key, cfg.responses_key, cfg.limit)
     if cfg.reward_model:
         print(f"[eval] {len(items)} pairs ({cfg.split} split of {','.join(cfg.input)}); reward model {cfg.reward_model}")
-        return write_result(cfg, items, evaluate_reward_model(cfg, items), cfg.reward_model)
+        return write_result(cfg, items, evaluate_reward_model(cfg, items))
     server = None
     base_url = cfg.base_url
     if cfg.serve:
@@ -413,12 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if server is not None:
             server.stop()
-    return write_result(cfg, items, result, cfg.serve or cfg.model)
+    return write_result(cfg, items, result)
 
 
-def write_result(cfg: EvaluateConfig, items: list[dict], result: dict, scorer: str) -> dict:
-    result = {"input": ",".join(cfg.input), "split": cfg.split, "n_pairs": len(items),
-              ("reward_model" if cfg.reward_model else "judge"): scorer,
+def write_result(cfg: EvaluateConfig, items: list[dict], result: dict) -> dict:
+    scorer = {"reward_model": cfg.reward_model} if cfg.reward_model else {"judge": cfg.serve or cfg.model}
+    result = {"input": ",".join(cfg.input), "split": cfg.split, "n_pairs": len(items), **scorer,
               **({} if cfg.reward_model else {"prompts": cfg.prompts or "configs/self_ref_prompts.yaml"}),
               "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)}, **result}
     print(format_report(result))
